@@ -1,0 +1,53 @@
+"""The ``cm3leon`` command line.
+
+``cm3leon run`` and ``cm3leon schedule`` hand over to the Prefect flow in the project's
+``flows/pipeline.py`` (the project is the nearest folder upwards holding ``dvc.yaml``), so the
+library never imports the orchestration layer (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+
+def find_project(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` that holds ``dvc.yaml``."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "flows" / "pipeline.py").is_file():
+            return folder
+    raise SystemExit(
+        f"cm3leon: no cm3leon project (dvc.yaml + flows/pipeline.py) at or above {here}; "
+        "run this inside a clone of the repository"
+    )
+
+
+def _flow(args: list[str]) -> int:
+    project = find_project()
+    flow_file = str(project / "flows" / "pipeline.py")
+    return subprocess.call([sys.executable, flow_file, *args], cwd=project)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the DVC pipeline through the Prefect flow")
+    run.add_argument("--stages", help="comma-separated stages to run, in DAG order (default: all)")
+    run.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
+    schedule = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule")
+    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
+    schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        extra = (["--stages", args.stages] if args.stages else []) + (
+            ["--force"] if args.force else []
+        )
+        return _flow(["run", *extra])
+    return _flow(["schedule", "--cron", args.cron, "--name", args.name])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

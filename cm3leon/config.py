@@ -1,0 +1,288 @@
+"""Typed configuration: one frozen dataclass per ``params.yaml`` section.
+
+``params.yaml`` is the single source of truth for every tunable value (DESIGN.md §2, STYLE.md
+§2-3). Each top-level section maps onto one dataclass below; nested mappings map onto nested
+dataclasses. Loading is strict: an unknown or misspelled key raises :class:`ConfigError` naming
+the key, where it was found and the valid keys, so a typo never silently falls back to a
+default. Values are type-checked against the annotations and range-checked in
+``__post_init__``.
+
+Later stages add their own sections here (``tokenize``, ``index``, ...); a section that is
+absent from ``params.yaml`` takes its defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params file or section is malformed; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """``base``: values shared by every stage."""
+
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.seed < 2**32, "base.seed", "must be in [0, 2**32)")
+
+
+@dataclass(frozen=True)
+class ShapeWorldConfig:
+    """``data.shapeworld``: the embedded procedural image-caption corpus (DESIGN.md §4).
+
+    Images are ``data.image_size`` pixels square, divided into a ``grid_size`` x ``grid_size``
+    grid; each image holds ``min_objects..max_objects`` objects in distinct cells, each drawn
+    with a shape, color and size from the lists below and shifted by up to
+    ``position_jitter`` pixels inside its cell.
+    """
+
+    num_images: int = 6000
+    min_objects: int = 1
+    max_objects: int = 2
+    grid_size: int = 3
+    shapes: tuple[str, ...] = ("square", "circle", "triangle")
+    colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan")
+    sizes: tuple[str, ...] = ("small", "large")
+    position_jitter: int = 1
+    vqa_per_image: int = 2
+    edits_per_image: int = 1
+
+    def __post_init__(self) -> None:
+        # Imported lazily: the palette/shape tables live with the renderer that owns them.
+        from cm3leon.data.shapeworld import COLORS, GRID_POSITION_NAMES, SHAPES, SIZES
+
+        where = "data.shapeworld"
+        _check(self.num_images >= 1, f"{where}.num_images", "must be >= 1")
+        _check(self.min_objects >= 1, f"{where}.min_objects", "must be >= 1")
+        _check(
+            self.max_objects >= self.min_objects,
+            f"{where}.max_objects",
+            f"must be >= min_objects ({self.min_objects})",
+        )
+        _check(
+            self.grid_size in GRID_POSITION_NAMES,
+            f"{where}.grid_size",
+            f"must be one of {sorted(GRID_POSITION_NAMES)}",
+        )
+        _check(
+            self.max_objects <= self.grid_size**2,
+            f"{where}.max_objects",
+            f"cannot exceed the number of grid cells ({self.grid_size**2})",
+        )
+        for key, values, known in (
+            ("shapes", self.shapes, SHAPES),
+            ("colors", self.colors, COLORS),
+            ("sizes", self.sizes, SIZES),
+        ):
+            _check(len(values) >= 1, f"{where}.{key}", "must not be empty")
+            _check(len(set(values)) == len(values), f"{where}.{key}", "has repeated entries")
+            unknown = [v for v in values if v not in known]
+            _check(not unknown, f"{where}.{key}", f"unknown {unknown}; known: {sorted(known)}")
+        _check(0 <= self.position_jitter <= 2, f"{where}.position_jitter", "must be in 0..2")
+        _check(self.vqa_per_image >= 0, f"{where}.vqa_per_image", "must be >= 0")
+        _check(self.edits_per_image >= 0, f"{where}.edits_per_image", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ManifestConfig:
+    """``data.manifest``: a user's CSV/Parquet/JSONL manifest (columns ``image``, ``caption``,
+    optional ``id`` and ``split``). ``root`` is the folder image paths are relative to
+    (default: the manifest's folder); no path may escape it."""
+
+    path: str | None = None
+    root: str | None = None
+
+
+@dataclass(frozen=True)
+class CocoConfig:
+    """``data.coco``: a COCO captions JSON (``images`` + ``annotations``) and its image folder."""
+
+    annotations: str | None = None
+    images: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitsConfig:
+    """``data.splits``: fractions of unique images per split; they must sum to 1."""
+
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"data.splits.{name}", "must be in [0, 1]")
+        total = self.train + self.val + self.test
+        _check(abs(total - 1.0) < 1e-6, "data.splits", f"fractions must sum to 1 (got {total})")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``data``: where the corpus comes from and how it is shaped (the ``prepare`` stage)."""
+
+    source: Literal["shapeworld", "manifest", "coco"] = "shapeworld"
+    image_size: int = 32
+    shard_size: int = 4096
+    on_invalid: Literal["fail", "quarantine"] = "fail"
+    splits: SplitsConfig = field(default_factory=SplitsConfig)
+    shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    coco: CocoConfig = field(default_factory=CocoConfig)
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.image_size <= 1024, "data.image_size", "must be in [8, 1024]")
+        _check(self.shard_size >= 1, "data.shard_size", "must be >= 1")
+        if self.source == "manifest":
+            _check(self.manifest.path is not None, "data.manifest.path", "is required")
+        if self.source == "coco":
+            _check(self.coco.annotations is not None, "data.coco.annotations", "is required")
+            _check(self.coco.images is not None, "data.coco.images", "is required")
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """``validate``: bounds for the great_expectations gate on the corpus."""
+
+    caption_min_chars: int = 1
+    caption_max_chars: int = 512
+    check_split_proportions: bool = True
+    split_tolerance: float = 0.02
+    sample_failures: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.caption_min_chars >= 1, "validate.caption_min_chars", "must be >= 1")
+        _check(
+            self.caption_max_chars >= self.caption_min_chars,
+            "validate.caption_max_chars",
+            "must be >= caption_min_chars",
+        )
+        _check(0.0 <= self.split_tolerance <= 1.0, "validate.split_tolerance", "must be in [0, 1]")
+        _check(self.sample_failures >= 1, "validate.sample_failures", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """``flow``: how the Prefect flow runs each DVC stage."""
+
+    retries: int = 1
+    retry_delay_seconds: float = 5.0
+    stage_timeout_seconds: float = 7200.0
+
+    def __post_init__(self) -> None:
+        _check(self.retries >= 0, "flow.retries", "must be >= 0")
+        _check(self.retry_delay_seconds >= 0, "flow.retry_delay_seconds", "must be >= 0")
+        _check(self.stage_timeout_seconds > 0, "flow.stage_timeout_seconds", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of ``params.yaml``."""
+
+    base: BaseConfig = field(default_factory=BaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises :class:`ConfigError` naming the bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ConfigError(f"params file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file {path} is not valid YAML: {err}") from err
+    if raw is None:
+        raw = {}
+    try:
+        return from_mapping(Params, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def from_mapping(cls: type[T], mapping: Any, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    label = where or "top level"
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {type(mapping).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(
+            f"unknown key '{name}' in {label}; valid keys: {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {
+        key: _coerce(hints[key], value, f"{where}.{key}" if where else key)
+        for key, value in mapping.items()
+    }
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value if value is not None else {}, where)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, _ellipsis) = get_args(tp)
+        return tuple(_coerce(item_type, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")  # a bug in this module
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")

@@ -1,0 +1,98 @@
+"""Build the corpus artifact from the configured source (the ``prepare`` stage's library half).
+
+``data.source`` picks the source:
+
+- ``shapeworld`` (default): generate scenes from ``base.seed``, render them, caption them with
+  every paraphrase template (the primary caption is drawn per image), derive the task tables;
+- ``manifest`` / ``coco``: import the user's images and captions (:mod:`cm3leon.data.importers`);
+  invalid rows either fail the stage, listing every problem, or go to the quarantine table,
+  per ``data.on_invalid``. User data has no task tables (they stay empty).
+
+Splits are then assigned by image content (:mod:`cm3leon.data.splits`) and everything is written
+as one atomic corpus folder (:mod:`cm3leon.data.corpus`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cm3leon.config import DataConfig
+from cm3leon.data.corpus import CorpusRecord, image_sha256, write_corpus
+from cm3leon.data.importers import apply_invalid_policy, load_coco, load_manifest
+from cm3leon.data.shapeworld import (
+    Scene,
+    caption_scene,
+    generate_scenes,
+    render_scene,
+    scene_to_json,
+)
+from cm3leon.data.splits import assign_splits
+from cm3leon.data.tasks import build_task_tables
+
+log = logging.getLogger(__name__)
+
+
+def prepare_corpus(config: DataConfig, seed: int, out_dir: str | Path) -> dict[str, Any]:
+    """Write the corpus for ``config`` to ``out_dir``; returns its manifest."""
+    if config.source == "shapeworld":
+        scenes = generate_scenes(config.shapeworld, seed)
+        records, quarantine = _shapeworld_records(scenes, config, seed), []
+        ids = [r.id for r in records]
+        tasks = build_task_tables(ids, scenes, config.shapeworld, config.image_size, seed)
+    else:
+        if config.source == "manifest":
+            result = load_manifest(config.manifest.path, config.manifest.root, config.image_size)
+        else:
+            result = load_coco(config.coco.annotations, config.coco.images, config.image_size)
+        records, quarantine = apply_invalid_policy(result, config.on_invalid)
+        if quarantine:
+            log.warning("%d invalid rows set aside in the quarantine table", len(quarantine))
+        if not records:
+            raise ValueError(f"data.source={config.source}: no valid documents to write")
+        tasks = None
+    records = _with_splits(records, config, seed)
+    return write_corpus(
+        out_dir,
+        records,
+        source=config.source,
+        image_size=config.image_size,
+        shard_size=config.shard_size,
+        tasks=tasks,
+        quarantine=quarantine,
+    )
+
+
+def _shapeworld_records(scenes: list[Scene], config: DataConfig, seed: int) -> list[CorpusRecord]:
+    sw = config.shapeworld
+    rng = np.random.default_rng([seed, 0xCA9])
+    records = []
+    for index, scene in enumerate(
+        tqdm(scenes, desc="render ShapeWorld", unit="img", mininterval=2)
+    ):
+        captions = caption_scene(scene, sw.grid_size)
+        records.append(
+            CorpusRecord(
+                id=f"sw-{index:06d}",
+                split="",  # assigned by content below
+                caption=captions[int(rng.integers(len(captions)))],
+                captions=captions,
+                image=render_scene(scene, config.image_size, sw.grid_size),
+                source="shapeworld",
+                objects=scene_to_json(scene),
+            )
+        )
+    return records
+
+
+def _with_splits(records: list[CorpusRecord], config: DataConfig, seed: int) -> list[CorpusRecord]:
+    given = [r.split or None for r in records]
+    splits = assign_splits(
+        [image_sha256(r.image) for r in records], config.splits.as_dict(), seed, given
+    )
+    return [replace(r, split=s) for r, s in zip(records, splits, strict=True)]

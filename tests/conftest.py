@@ -1,0 +1,100 @@
+"""Shared fixtures: throw-away copies of the project with tiny params for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+# No network in tests: keep Prefect's server telemetry off.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("cm3leon", "stages", "flows", "dvc.yaml", "params.yaml", "data/raw", ".dvcignore")
+
+# Small enough to run the DAG in seconds, big enough for split proportions to be meaningful.
+TINY_PARAMS = {
+    "data": {"shapeworld": {"num_images": 120}, "shard_size": 50},
+    "flow": {"retries": 0, "retry_delay_seconds": 0},
+}
+
+
+def deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def project_env() -> dict[str, str]:
+    """The environment stage commands run in: this interpreter's `python` and `dvc` first."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+@pytest.fixture
+def make_project(tmp_path_factory):
+    """Factory: a git + DVC repo holding a copy of this project with tiny params."""
+
+    def make(params: dict | None = None) -> Path:
+        root = tmp_path_factory.mktemp("project")
+        for name in PROJECT_FILES:
+            source = ROOT / name
+            if source.is_dir():
+                shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            elif source.exists():
+                shutil.copy2(source, root / name)
+        values = yaml.safe_load((ROOT / "params.yaml").read_text())
+        deep_update(values, TINY_PARAMS)
+        deep_update(values, params or {})
+        (root / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+        run(["git", "init", "-q"], cwd=root)
+        dvc("init", "-q", cwd=root)
+        dvc("config", "core.analytics", "false", cwd=root)
+        return root
+
+    return make
+
+
+def corrupt_corpus(root):
+    """Blank one caption in a shard and accept the change as prepare's output (`dvc commit`),
+    as if a corrupted artifact had been pushed to the cache."""
+    shard = root / "data/corpus/shard-00000.parquet"
+    table = pq.read_table(shard)
+    captions = table.column("caption").to_pylist()
+    captions[3] = ""
+    table = table.set_column(table.schema.get_field_index("caption"), "caption", pa.array(captions))
+    pq.write_table(table, shard)
+    dvc("commit", "-f", "prepare", cwd=root)
+
+
+def add_downstream_stage(root):
+    dag = yaml.safe_load((root / "dvc.yaml").read_text())
+    dag["stages"]["downstream"] = {
+        "cmd": "python -c \"open('downstream.txt', 'w').write('ran')\"",
+        "deps": ["reports/validation/summary.md"],
+        "outs": ["downstream.txt"],
+    }
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))

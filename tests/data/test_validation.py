@@ -1,0 +1,170 @@
+"""Tests for the great_expectations corpus gate (cm3leon.data.validation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cm3leon.config import DataConfig, ValidateConfig
+from cm3leon.data.corpus import CorpusRecord, write_corpus
+from cm3leon.data.validation import ValidationReport, validate_corpus
+
+SIZE = 32
+DATA_CONFIG = DataConfig(image_size=SIZE)
+CONFIG = ValidateConfig(split_tolerance=0.02, sample_failures=5)
+
+
+def make_records(n: int = 40, splits: tuple[int, int, int] = (32, 4, 4)) -> list[CorpusRecord]:
+    rng = np.random.default_rng(0)
+    names = ["train"] * splits[0] + ["val"] * splits[1] + ["test"] * splits[2]
+    assert len(names) == n
+    return [
+        CorpusRecord(
+            id=f"doc-{i:03d}",
+            split=split,
+            caption=f"a picture number {i}",
+            captions=(f"a picture number {i}",),
+            image=rng.integers(0, 256, size=(SIZE, SIZE, 3), dtype=np.uint8),
+            source="shapeworld",
+        )
+        for i, split in enumerate(names)
+    ]
+
+
+def vqa_rows(records: list[CorpusRecord]) -> list[dict[str, str]]:
+    return [
+        {"image_id": r.id, "question": "what?", "answer": "a square", "question_type": "shape"}
+        for r in records[:5]
+    ]
+
+
+def build(
+    tmp_path: Path, records: list[CorpusRecord], vqa: list[dict[str, str]] | None = None
+) -> Path:
+    corpus = tmp_path / "corpus"
+    tasks = {"vqa": vqa if vqa is not None else vqa_rows(records)}
+    write_corpus(corpus, records, source="shapeworld", image_size=SIZE, shard_size=16, tasks=tasks)
+    return corpus
+
+
+def run(tmp_path: Path, corpus: Path) -> ValidationReport:
+    return validate_corpus(corpus, DATA_CONFIG, CONFIG, tmp_path / "report")
+
+
+def failed(report: ValidationReport) -> set[tuple[str, str, str | None]]:
+    return {(f.suite, f.expectation, f.column) for f in report.failures}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ValidationReport]:
+    tmp_path = tmp_path_factory.mktemp("clean")
+    return tmp_path, run(tmp_path, build(tmp_path, make_records()))
+
+
+def test_clean_corpus_passes(clean: tuple[Path, ValidationReport]) -> None:
+    tmp_path, report = clean
+    assert report.success, report.format_failures()
+    assert report.failures == []
+    out = tmp_path / "report"
+    for name in ("results.json", "metrics.json", "summary.md", "data_docs/index.html"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["success"] is True
+    assert metrics["documents"] == 40
+    assert (metrics["documents_train"], metrics["documents_val"], metrics["documents_test"]) == (
+        32,
+        4,
+        4,
+    )
+    assert metrics["task_vqa_rows"] == 5 and metrics["task_edits_rows"] == 0
+    assert metrics["expectations_failed"] == 0 and metrics["success_percent"] == 100.0
+    results = json.loads((out / "results.json").read_text())
+    assert {"documents", "split_leakage", "split_proportions", "task_vqa"} <= set(results)
+    assert "PASSED" in (out / "summary.md").read_text()
+    assert not (Path.cwd() / "gx").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_empty_caption(tmp_path: Path) -> None:
+    records = make_records()
+    records[3] = replace(records[3], caption="")
+    report = run(tmp_path, build(tmp_path, records))
+    assert not report.success
+    assert ("documents", "expect_column_value_lengths_to_be_between", "caption") in failed(report)
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "FAILED" in summary and "caption" in summary
+
+
+def test_duplicate_id(tmp_path: Path) -> None:
+    records = make_records()
+    records[1] = replace(records[1], id=records[0].id)
+    report = run(tmp_path, build(tmp_path, records))
+    assert ("documents", "expect_column_values_to_be_unique", "id") in failed(report)
+    assert "doc-000" in report.format_failures()
+
+
+def test_same_image_in_two_splits(tmp_path: Path) -> None:
+    records = make_records()
+    records[35] = replace(records[35], image=records[0].image.copy())  # val gets a train image
+    report = run(tmp_path, build(tmp_path, records))
+    assert failed(report) == {
+        ("split_leakage", "expect_column_values_to_be_unique", "image_sha256")
+    }
+
+
+def test_task_row_with_missing_image(tmp_path: Path) -> None:
+    records = make_records()
+    vqa = vqa_rows(records)
+    vqa[0] = {**vqa[0], "image_id": "no-such-doc"}
+    report = run(tmp_path, build(tmp_path, records, vqa))
+    assert failed(report) == {
+        ("task_vqa", "expect_column_pair_values_to_be_equal", "image_id,document_id")
+    }
+    assert "no-such-doc" in report.format_failures()
+
+
+def test_wrong_image_size(tmp_path: Path) -> None:
+    records = make_records()
+    small = np.zeros((16, 16, 3), dtype=np.uint8)
+    records[5] = replace(records[5], image=small)
+    report = run(tmp_path, build(tmp_path, records))
+    assert ("documents", "expect_column_values_to_be_in_set", "height") in failed(report)
+    assert ("documents", "expect_column_values_to_be_in_set", "width") in failed(report)
+
+
+def test_stored_hash_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = build(tmp_path, make_records())
+    shard = corpus / "shard-00000.parquet"
+    table = pq.read_table(shard)
+    hashes = table.column("image_sha256").to_pylist()
+    hashes[2] = "0" * 64
+    index = table.schema.get_field_index("image_sha256")
+    table = table.set_column(index, "image_sha256", pa.array(hashes, pa.string()))
+    pq.write_table(table, shard)
+    monkeypatch.chdir(tmp_path)  # a relative report folder works, and GE leaves no gx/ behind
+    report = validate_corpus(corpus, DATA_CONFIG, CONFIG, Path("report"))
+    assert (tmp_path / "report" / "data_docs" / "index.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "report"]
+    expected = (
+        "documents",
+        "expect_column_pair_values_to_be_equal",
+        "image_sha256,sha256_recomputed",
+    )
+    assert failed(report) == {expected}
+    assert report.metrics["expectations_failed"] == 1
+
+
+def test_split_proportions_off(tmp_path: Path) -> None:
+    report = run(tmp_path, build(tmp_path, make_records(splits=(36, 2, 2))))
+    assert failed(report) == {
+        ("split_proportions", "expect_column_values_to_be_between", "deviation")
+    }
+    unchecked = ValidateConfig(check_split_proportions=False)
+    report = validate_corpus(tmp_path / "corpus", DATA_CONFIG, unchecked, tmp_path / "report2")
+    assert report.success, report.format_failures()

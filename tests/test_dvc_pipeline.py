@@ -1,0 +1,52 @@
+"""End to end through real DVC: the DAG runs, reruns are no-ops, same seed gives the same
+corpus hashes in dvc.lock, and a corrupted corpus fails `validate` and stops the DAG."""
+
+import json
+import time
+
+import yaml
+
+from conftest import add_downstream_stage, corrupt_corpus, dvc
+
+
+def lock_outs(root, stage):
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for o in lock["stages"][stage]["outs"]}
+
+
+def test_repro_runs_the_dag_then_is_a_no_op(make_project):
+    root = make_project()
+    first = dvc("repro", cwd=root)
+    assert "Running stage 'prepare'" in first.stdout
+    assert "Running stage 'validate'" in first.stdout
+    assert (root / "reports/validation/data_docs/index.html").is_file()
+    metrics = json.loads((root / "reports/validation/metrics.json").read_text())
+    assert metrics["success"] is True and metrics["expectations_failed"] == 0
+    start = time.perf_counter()
+    second = dvc("repro", cwd=root)
+    elapsed = time.perf_counter() - start
+    assert "Running stage" not in second.stdout
+    assert "up to date" in second.stdout
+    assert elapsed < 30  # generous bound for a loaded CI machine; the README quotes measured time
+
+
+def test_same_seed_gives_identical_corpus_hashes(make_project):
+    a, b, c = make_project(), make_project(), make_project({"base": {"seed": 99}})
+    for root in (a, b, c):
+        dvc("repro", "prepare", cwd=root)
+    assert lock_outs(a, "prepare") == lock_outs(b, "prepare")
+    assert lock_outs(a, "prepare") != lock_outs(c, "prepare")
+
+
+def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):
+    root = make_project()
+    add_downstream_stage(root)
+    dvc("repro", "prepare", cwd=root)
+    corrupt_corpus(root)
+    proc = dvc("repro", cwd=root, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "validate: FAILED" in output
+    assert "caption" in output
+    assert not (root / "downstream.txt").exists()
+    assert "downstream" not in yaml.safe_load((root / "dvc.lock").read_text())["stages"]
