@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cm3leon.artifacts import atomic_dir, atomic_write_json
@@ -239,7 +240,7 @@ def iter_documents(
     for path in shard_paths(corpus_dir):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read_columns):
             if split is not None:
-                batch = batch.filter(pa.compute.equal(batch.column("split"), split))
+                batch = batch.filter(pc.equal(batch.column("split"), split))
             if columns is not None and "split" not in columns:
                 batch = batch.drop_columns(["split"])
             if batch.num_rows:

@@ -6,7 +6,8 @@ pixel bytes are kept), derives frames for split proportions, cross-split image l
 task table, and checks every frame with its own great_expectations 1.x suite, run through a
 checkpoint that renders Data Docs. Into ``report_dir`` it writes, each atomically:
 
-* ``results.json``  the GE validation result of every suite, keyed by suite name;
+* ``results.json``  the GE validation result of every suite, keyed by suite name, without
+  GE's per-run ids and clock times (equal data gives equal bytes; Data Docs keep them);
 * ``metrics.json``  flat numbers for ``dvc metrics show``;
 * ``summary.md``    one readable line per failed expectation, with sample offending values;
 * ``data_docs/``    the GE Data Docs HTML site (``data_docs/index.html``).
@@ -376,11 +377,26 @@ def validate_corpus(
     return report
 
 
+# Per-run identifiers and clock times GE adds; dropped so equal data gives equal results.json.
+RUN_IDENTITY_KEYS = ("run_id", "validation_id", "validation_time", "checkpoint_id", "ge_load_time")
+
+
+def _without_run_identity(result: dict[str, Any]) -> dict[str, Any]:
+    meta = result.get("meta", {})
+    for key in RUN_IDENTITY_KEYS:
+        meta.pop(key, None)
+    meta.get("batch_markers", {}).pop("ge_load_time", None)
+    for item in result.get("results", []):
+        item.get("expectation_config", {}).pop("id", None)
+    return result
+
+
 def _write_report(
     report_dir: Path, report: ValidationReport, results: dict[str, ExpectationSuiteValidationResult]
 ) -> None:
     atomic_write_json(
-        report_dir / "results.json", {n: r.to_json_dict() for n, r in results.items()}
+        report_dir / "results.json",
+        {n: _without_run_identity(r.to_json_dict()) for n, r in results.items()},
     )
     atomic_write_json(report_dir / "metrics.json", report.metrics)
     m = report.metrics
