@@ -9,6 +9,7 @@ place.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 
 @contextlib.contextmanager
@@ -75,3 +79,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def image_grid(rows: list[np.ndarray], scale: int = 1, gap: int = 2) -> np.ndarray:
+    """Lay out rows of ``(N, H, W, 3)`` uint8 images as one ``(rows*H', N*W', 3)`` picture.
+
+    Each image is enlarged ``scale`` times (nearest neighbour, so pixels stay crisp) and
+    separated by ``gap`` gray pixels.
+    """
+    n = max(len(r) for r in rows)
+    h, w = rows[0].shape[1] * scale, rows[0].shape[2] * scale
+    grid = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 128, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+            top, left = gap + i * (h + gap), gap + j * (w + gap)
+            grid[top : top + h, left : left + w] = big
+    return grid
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    """Write an ``(H, W, 3)`` uint8 array as a PNG, atomically."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

@@ -177,6 +177,80 @@ class ValidateConfig:
 
 
 @dataclass(frozen=True)
+class VQConfig:
+    """``tokenize.vq``: architecture of the VQ image tokenizer (stored with its weights)."""
+
+    codebook_size: int = 256
+    code_dim: int = 16
+    channels: tuple[int, ...] = (32, 64)  # width after the stem, then one entry per 2x downsample
+    num_res_blocks: int = 1
+    ema_decay: float = 0.99
+    commitment: float = 0.25
+    restart_threshold: float = 0.5  # EMA usage count under which a code is restarted
+
+    def __post_init__(self) -> None:
+        where = "tokenize.vq"
+        _check(self.codebook_size >= 2, f"{where}.codebook_size", "must be >= 2")
+        _check(self.code_dim >= 1, f"{where}.code_dim", "must be >= 1")
+        _check(len(self.channels) >= 1, f"{where}.channels", "needs at least one width")
+        _check(
+            all(c >= 8 and c % 8 == 0 for c in self.channels),
+            f"{where}.channels",
+            "widths must be multiples of 8 (GroupNorm uses 8 groups)",
+        )
+        _check(self.num_res_blocks >= 0, f"{where}.num_res_blocks", "must be >= 0")
+        _check(0.0 < self.ema_decay < 1.0, f"{where}.ema_decay", "must be in (0, 1)")
+        _check(self.commitment >= 0, f"{where}.commitment", "must be >= 0")
+        _check(self.restart_threshold >= 0, f"{where}.restart_threshold", "must be >= 0")
+
+    @property
+    def downsample(self) -> int:
+        """Image side / code-grid side."""
+        return 2 ** len(self.channels)
+
+
+@dataclass(frozen=True)
+class VQTrainConfig:
+    """``tokenize.train``: how the VQ tokenizer is trained on the train split."""
+
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 0.002
+    warmup_steps: int = 50
+    include_masks: bool = True  # also train on segmentation masks so SFT targets tokenize well
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        where = "tokenize.train"
+        _check(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{where}.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        _check(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """``tokenize``: VQ image tokenizer, BPE text tokenizer and the shared vocabulary."""
+
+    vq_checkpoint: str | None = None  # a models/vq folder to load instead of training
+    text_vocab_size: int = 512
+    num_sentinels: int = 16  # CM3 sentinels <mask:0..N-1>; >= the max spans per document
+    num_reserved: int = 16  # reserved special slots SFT names as task separators
+    encode_batch_size: int = 256
+    grid_examples: int = 16  # originals/reconstructions in the grid PNG
+    vq: VQConfig = field(default_factory=VQConfig)
+    train: VQTrainConfig = field(default_factory=VQTrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.text_vocab_size >= 256, "tokenize.text_vocab_size", "must be >= 256")
+        _check(self.num_sentinels >= 1, "tokenize.num_sentinels", "must be >= 1")
+        _check(self.num_reserved >= 0, "tokenize.num_reserved", "must be >= 0")
+        _check(self.encode_batch_size >= 1, "tokenize.encode_batch_size", "must be >= 1")
+        _check(self.grid_examples >= 1, "tokenize.grid_examples", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class FlowConfig:
     """``flow``: how the Prefect flow runs each DVC stage."""
 
@@ -197,6 +271,7 @@ class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 

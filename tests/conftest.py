@@ -22,6 +22,11 @@ PROJECT_FILES = ("cm3leon", "stages", "flows", "dvc.yaml", "params.yaml", "data/
 # Small enough to run the DAG in seconds, big enough for split proportions to be meaningful.
 TINY_PARAMS = {
     "data": {"shapeworld": {"num_images": 120}, "shard_size": 50},
+    "tokenize": {
+        "text_vocab_size": 300,
+        "vq": {"codebook_size": 32, "code_dim": 8, "channels": [16, 16]},
+        "train": {"steps": 15, "batch_size": 8, "log_every": 5},
+    },
     "flow": {"retries": 0, "retry_delay_seconds": 0},
 }
 
@@ -73,6 +78,10 @@ def make_project(tmp_path_factory):
         run(["git", "init", "-q"], cwd=root)
         dvc("init", "-q", cwd=root)
         dvc("config", "core.analytics", "false", cwd=root)
+        # Like a clone, the repo has a commit (dvclive 3.49 fails in a repo with none).
+        run(["git", "add", "-A"], cwd=root)
+        identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+        run(["git", *identity, "commit", "-qm", "project copy"], cwd=root)
         return root
 
     return make

@@ -19,6 +19,11 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     first = dvc("repro", cwd=root)
     assert "Running stage 'prepare'" in first.stdout
     assert "Running stage 'validate'" in first.stdout
+    assert "Running stage 'tokenize'" in first.stdout
+    tokenize_metrics = json.loads((root / "reports/tokenize/metrics.json").read_text())
+    assert tokenize_metrics["images"] > 0 and "psnr_db" in tokenize_metrics
+    assert (root / "reports/tokenize/reconstructions.png").is_file()
+    assert (root / "reports/tokenize/live/plots/metrics/vq/loss.tsv").is_file()
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
@@ -40,6 +45,11 @@ def test_same_seed_gives_identical_corpus_hashes(make_project):
     # the validation results too (GE's run ids and clock times are left out of results.json)
     results = "reports/validation/results.json"
     assert lock_outs(a, "validate")[results] == lock_outs(b, "validate")[results]
+    # and the tokenizers and tokens (metrics.json differs: it records the stage's wall time)
+    artifacts = ("models/vq", "models/text_tokenizer", "data/tokens")
+    assert [lock_outs(a, "tokenize")[p] for p in artifacts] == [
+        lock_outs(b, "tokenize")[p] for p in artifacts
+    ]
 
 
 def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):
@@ -53,4 +63,5 @@ def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):
     assert "validate: FAILED" in output
     assert "caption" in output
     assert not (root / "downstream.txt").exists()
-    assert "downstream" not in yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    stages_run = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert "downstream" not in stages_run and "tokenize" not in stages_run

@@ -1,0 +1,247 @@
+"""Turn the corpus into tokens (the ``tokenize`` stage's library half, DESIGN.md §5).
+
+1. VQ image tokenizer: trained on the train split's images (plus, by default, the train split's
+   segmentation masks drawn white on black, so SFT's mask targets tokenize well) or loaded
+   from ``tokenize.vq_checkpoint``;
+2. byte-level BPE trained on every caption paraphrase of the train split;
+3. the :class:`~cm3leon.tokenizers.vocab.Vocab` joining both;
+4. every document and task row encoded to Vocab ids;
+5. reconstruction quality on the val split: PSNR/MSE, codebook usage and perplexity, mask IoU,
+   and — for ShapeWorld — the parser's attribute agreement on reconstructions, the ceiling for
+   every image task downstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cm3leon.config import DataConfig, TokenizeConfig
+from cm3leon.data.corpus import SPLITS, TASK_NAMES, decode_images, read_documents, read_task_table
+from cm3leon.data.shapeworld import scene_from_json
+from cm3leon.data.shapeworld_parser import (
+    ShapeWorldParser,
+    agreement_summary,
+    compare_scene,
+    truth_objects,
+)
+from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.text import save_text_tokenizer, train_text_tokenizer
+from cm3leon.tokenizers.tokens import write_tokens
+from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.tokenizers.vq import VQModel
+from cm3leon.tokenizers.vq_training import (
+    codebook_statistics,
+    decode_codes,
+    encode_images,
+    load_vq,
+    mask_iou,
+    reconstruction_metrics,
+    save_vq,
+    train_vq,
+)
+
+DOCUMENT_COLUMNS = ["id", "caption", "captions", "image", "height", "width", "objects"]
+
+
+@dataclass
+class TokenizeResult:
+    metrics: dict[str, float]
+    originals: np.ndarray  # (G, H, W, 3) val images shown in the reconstruction grid
+    reconstructions: np.ndarray  # (G, H, W, 3)
+    manifest: dict[str, Any]
+
+
+def tokenize_corpus(
+    corpus_dir: str | Path,
+    data_config: DataConfig,
+    config: TokenizeConfig,
+    seed: int,
+    vq_dir: str | Path,
+    text_dir: str | Path,
+    tokens_dir: str | Path,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> TokenizeResult:
+    """Run the whole tokenize stage; writes ``vq_dir``, ``text_dir`` and ``tokens_dir``."""
+    docs = {s: read_documents(corpus_dir, DOCUMENT_COLUMNS, split=s) for s in SPLITS}
+    images = {s: decode_images(t) if t.num_rows else None for s, t in docs.items()}
+    if images["train"] is None:
+        raise ValueError(f"{corpus_dir}: the train split is empty; nothing to train tokenizers on")
+    split_of = {i: s for s, t in docs.items() for i in t.column("id").to_pylist()}
+    masks = _masks_by_split(corpus_dir, split_of, data_config.image_size)
+
+    model = _vq_model(images["train"], masks["train"], config, seed, on_log)
+    side = data_config.image_size // model.config.downsample
+    if side * model.config.downsample != data_config.image_size:
+        raise ValueError(
+            f"data.image_size {data_config.image_size} is not a multiple of the VQ downsampling "
+            f"factor {model.config.downsample}"
+        )
+    vq_fingerprint = save_vq(model, vq_dir)
+
+    train_captions = [c for cs in docs["train"].column("captions").to_pylist() for c in cs]
+    text_tokenizer = train_text_tokenizer(train_captions, config.text_vocab_size)
+    save_text_tokenizer(text_tokenizer, text_dir)
+    vocab = Vocab(
+        text_size=config.text_vocab_size,
+        image_size=model.config.codebook_size,
+        num_sentinels=config.num_sentinels,
+        num_reserved=config.num_reserved,
+    )
+    codec = DocumentCodec(vocab, text_tokenizer, image_tokens=side * side)
+
+    codes = {s: _encode(model, images[s], config, s) for s in SPLITS}
+    documents = {s: _document_rows(docs[s], codes[s], codec) for s in SPLITS}
+    tasks = _task_rows(corpus_dir, model, codec, config, data_config.image_size)
+    manifest = write_tokens(
+        tokens_dir,
+        documents,
+        tasks,
+        vocab,
+        extra={"vq_fingerprint": vq_fingerprint, "grid": [side, side], "image_tokens": side * side},
+    )
+
+    eval_split = "val" if images["val"] is not None else "train"
+    metrics, reconstructions = _val_metrics(
+        model,
+        images[eval_split],
+        codes[eval_split],
+        masks[eval_split],
+        docs[eval_split],
+        data_config,
+        config,
+    )
+    metrics["evaluated_on"] = eval_split  # type: ignore[assignment]
+    shown = min(config.grid_examples, len(images[eval_split]))
+    return TokenizeResult(metrics, images[eval_split][:shown], reconstructions[:shown], manifest)
+
+
+def _vq_model(train_images, train_masks, config: TokenizeConfig, seed: int, on_log) -> VQModel:
+    if config.vq_checkpoint is not None:
+        model, _ = load_vq(config.vq_checkpoint)
+        return model
+    data = train_images
+    if config.train.include_masks and train_masks is not None and len(train_masks):
+        data = np.concatenate([train_images, _mask_rgb(train_masks)])
+    return train_vq(data, config.vq, config.train, seed, on_log)
+
+
+def _mask_rgb(masks: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` 0/255 masks -> white-on-black ``(N, H, W, 3)`` images."""
+    return np.repeat(masks[..., None], 3, axis=-1)
+
+
+def _masks_by_split(corpus_dir, split_of: dict[str, str], image_size: int) -> dict[str, Any]:
+    table = read_task_table(corpus_dir, "segmentation")
+    pairs = list(
+        zip(table.column("image_id").to_pylist(), table.column("mask").to_pylist(), strict=True)
+    )
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        raws = [mask for image_id, mask in pairs if split_of.get(image_id) == split]
+        out[split] = _stack(raws, (image_size, image_size)) if raws else None
+    return out
+
+
+def _stack(raws: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """Raw uint8 buffers -> one ``(N, *shape)`` array (``N`` may be 0)."""
+    out = np.zeros((len(raws), *shape), dtype=np.uint8)
+    for i, raw in enumerate(raws):
+        out[i] = np.frombuffer(raw, np.uint8).reshape(shape)
+    return out
+
+
+def _encode(model: VQModel, images, config: TokenizeConfig, split: str) -> np.ndarray | None:
+    if images is None:
+        return None
+    return encode_images(model, images, config.encode_batch_size, desc=f"encode {split}")
+
+
+def _document_rows(table, codes, codec: DocumentCodec) -> list[dict[str, Any]]:
+    if codes is None:
+        return []
+    rows = []
+    for i, row in enumerate(table.select(["id", "caption", "captions", "objects"]).to_pylist()):
+        captions = [row["caption"]] + [c for c in row["captions"] if c != row["caption"]]
+        rows.append(
+            {
+                "id": row["id"],
+                "caption": row["caption"],
+                "caption_ids": codec.encode_text(row["caption"]),
+                "paraphrase_ids": [codec.encode_text(c) for c in captions],
+                "image_ids": codec.encode_image(codes[i].tolist()),
+                "objects": row["objects"],
+            }
+        )
+    return rows
+
+
+def _task_rows(corpus_dir, model, codec: DocumentCodec, config: TokenizeConfig, image_size: int):
+    tables = {name: read_task_table(corpus_dir, name).to_pylist() for name in TASK_NAMES}
+    text = codec.encode_text
+    shape = (image_size, image_size)
+    edit_images = _stack([r["target_image"] for r in tables["edits"]], (*shape, 3))
+    mask_images = _mask_rgb(_stack([r["mask"] for r in tables["segmentation"]], shape))
+    edit_codes = encode_images(model, edit_images, config.encode_batch_size, desc="encode edits")
+    mask_codes = encode_images(model, mask_images, config.encode_batch_size, desc="encode masks")
+    return {
+        "vqa": [
+            {**r, "question_ids": text(r["question"]), "answer_ids": text(r["answer"])}
+            for r in tables["vqa"]
+        ],
+        "edits": [
+            {
+                "image_id": r["image_id"],
+                "instruction": r["instruction"],
+                "edit_type": r["edit_type"],
+                "instruction_ids": text(r["instruction"]),
+                "target_image_ids": codec.encode_image(edit_codes[i].tolist()),
+                "target_objects": r["target_objects"],
+            }
+            for i, r in enumerate(tables["edits"])
+        ],
+        "grounding": [{**r, "prompt_ids": text(r["prompt"])} for r in tables["grounding"]],
+        "segmentation": [
+            {
+                "image_id": r["image_id"],
+                "instruction": r["instruction"],
+                "instruction_ids": text(r["instruction"]),
+                "mask_image_ids": codec.encode_image(mask_codes[i].tolist()),
+                "target_object": r["target_object"],
+            }
+            for i, r in enumerate(tables["segmentation"])
+        ],
+    }
+
+
+def _val_metrics(
+    model, images, codes, masks, table, data_config: DataConfig, config: TokenizeConfig
+):
+    reconstructions = decode_codes(model, codes, config.encode_batch_size)
+    metrics: dict[str, Any] = {
+        **reconstruction_metrics(images, reconstructions),
+        **codebook_statistics(codes, model.config.codebook_size),
+        "images": len(images),
+    }
+    if masks is not None:
+        mask_codes = encode_images(
+            model, _mask_rgb(masks), config.encode_batch_size, desc="encode masks"
+        )
+        metrics["mask_iou"] = mask_iou(
+            masks, decode_codes(model, mask_codes, config.encode_batch_size)
+        )
+    objects = table.column("objects").to_pylist()
+    if data_config.source == "shapeworld" and all(o is not None for o in objects):
+        parser = ShapeWorldParser.from_config(data_config.shapeworld, data_config.image_size)
+        agreement = agreement_summary(
+            [
+                compare_scene(truth_objects(scene_from_json(o)), parser.parse(r))
+                for o, r in zip(objects, reconstructions, strict=True)
+            ]
+        )
+        metrics.update({f"parser_{k}": v for k, v in agreement.items()})
+    return metrics, reconstructions

@@ -1,0 +1,197 @@
+"""Train, save, load and measure the VQ image tokenizer (DESIGN.md §5).
+
+Training is a plain loop (STYLE.md §9): batches drawn from a seeded generator, AdamW with
+linear warmup then cosine decay, loss = MSE reconstruction + ``commitment`` x commitment loss;
+the codebook itself moves by EMA inside the quantizer. On CPU the same seed gives the same
+weights, hence byte-identical tokens downstream.
+
+Checkpoints are ``model.safetensors`` (weights and codebook buffers, no pickled code) plus
+``config.json`` holding the :class:`~cm3leon.config.VQConfig` and a fingerprint of both; the
+fingerprint travels into the tokens artifact so a later stage can tell which tokenizer made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from cm3leon.artifacts import atomic_write_bytes, atomic_write_json
+from cm3leon.config import ConfigError, VQConfig, VQTrainConfig, from_mapping
+from cm3leon.tokenizers.vq import VQModel, psnr, to_model_input, to_uint8
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def lr_at(step: int, config: VQTrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to 0 at ``steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_vq(
+    images: np.ndarray,
+    model_config: VQConfig,
+    train_config: VQTrainConfig,
+    seed: int,
+    on_log: StepCallback | None = None,
+) -> VQModel:
+    """Train a VQ tokenizer on ``(N, H, W, 3)`` uint8 images; ``on_log`` gets periodic metrics."""
+    if len(images) == 0:
+        raise ValueError("no training images for the VQ tokenizer")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = VQModel(model_config)
+    data = torch.from_numpy(np.ascontiguousarray(images))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, betas=(0.9, 0.99))
+    model.train()
+    usage = torch.zeros(model_config.codebook_size)
+    progress = tqdm(range(train_config.steps), desc="train VQ", unit="step", mininterval=5)
+    for step in progress:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, train_config)
+        batch = to_model_input(
+            data[torch.randint(0, len(data), (train_config.batch_size,), generator=generator)]
+        )
+        reconstruction, codes, commit = model(batch, generator)
+        recon_loss = F.mse_loss(reconstruction, batch)
+        loss = recon_loss + model_config.commitment * commit
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount(codes.flatten(), minlength=model_config.codebook_size)
+        if on_log is not None and (
+            step % train_config.log_every == 0 or step == train_config.steps - 1
+        ):
+            on_log(
+                step,
+                {
+                    "loss": loss.item(),
+                    "reconstruction_mse": recon_loss.item(),
+                    "commitment": commit.item(),
+                    "codebook_usage": float((usage > 0).float().mean()),
+                    "lr": optimizer.param_groups[0]["lr"],
+                },
+            )
+            usage.zero_()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def encode_images(
+    model: VQModel, images: np.ndarray, batch_size: int, desc: str = "encode"
+) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 -> codes ``(N, h*w)`` int64, row-major over the code grid."""
+    model.eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=5):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+        chunks.append(model.encode(to_model_input(batch)).flatten(1))
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.int64)
+    return torch.cat(chunks).numpy()
+
+
+@torch.no_grad()
+def decode_codes(model: VQModel, codes: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Codes ``(N, h*w)`` -> ``(N, H, W, 3)`` uint8 images."""
+    model.eval()
+    side = math.isqrt(codes.shape[1])
+    if side * side != codes.shape[1]:
+        raise ValueError(f"codes per image ({codes.shape[1]}) is not a square grid")
+    out = []
+    for start in range(0, len(codes), batch_size):
+        grid = torch.from_numpy(codes[start : start + batch_size]).long().reshape(-1, side, side)
+        out.append(to_uint8(model.decode(grid)))
+    return torch.cat(out).numpy()
+
+
+def codebook_statistics(codes: np.ndarray, codebook_size: int) -> dict[str, float]:
+    """Share of the codebook used and the perplexity of the code distribution."""
+    counts = np.bincount(codes.ravel(), minlength=codebook_size).astype(np.float64)
+    probs = counts / max(counts.sum(), 1)
+    entropy = -(probs[probs > 0] * np.log(probs[probs > 0])).sum()
+    return {
+        "codebook_usage_percent": 100.0 * float((counts > 0).mean()),
+        "codebook_perplexity": float(np.exp(entropy)),
+    }
+
+
+def reconstruction_metrics(original: np.ndarray, reconstruction: np.ndarray) -> dict[str, float]:
+    """PSNR (dB) and MSE (on the 0..255 scale) between two uint8 batches."""
+    a, b = torch.from_numpy(original), torch.from_numpy(reconstruction)
+    return {
+        "psnr_db": psnr(a, b),
+        "mse": float((a.float() - b.float()).pow(2).mean()),
+    }
+
+
+def mask_iou(masks: np.ndarray, reconstructions: np.ndarray) -> float:
+    """Mean IoU between ``(N, H, W)`` 0/255 masks and reconstructed mask images (gray > 127)."""
+    truth = masks > 127
+    predicted = reconstructions.mean(axis=-1) > 127
+    union = (truth | predicted).sum(axis=(1, 2))
+    inter = (truth & predicted).sum(axis=(1, 2))
+    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+
+
+def save_vq(model: VQModel, folder: str | Path) -> str:
+    """Write weights + config; returns the fingerprint stored in ``config.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "cm3leon-vq"})
+    weights = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write_bytes(folder / WEIGHTS_FILE, weights)
+    config = asdict(model.config)
+    fingerprint = _fingerprint(config, weights)
+    atomic_write_json(folder / CONFIG_FILE, {"config": config, "fingerprint": fingerprint})
+    return fingerprint
+
+
+def load_vq(folder: str | Path) -> tuple[VQModel, str]:
+    """Rebuild a tokenizer saved by :func:`save_vq`; returns (model in eval mode, fingerprint)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {folder} is not a VQ tokenizer folder")
+    stored = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = from_mapping(VQConfig, stored["config"], "vq")
+    except (ConfigError, KeyError) as err:
+        raise ConfigError(f"{config_path}: invalid VQ config: {err}") from None
+    weights = weights_path.read_bytes()
+    fingerprint = _fingerprint(asdict(config), weights)
+    if stored.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{folder}: weights or config changed since they were saved "
+            f"(fingerprint {stored.get('fingerprint')} != {fingerprint})"
+        )
+    model = VQModel(config)
+    model.load_state_dict(load_file(str(weights_path)))
+    model.eval()
+    return model, fingerprint
+
+
+def _fingerprint(config: dict, weights: bytes) -> str:
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    digest.update(weights)
+    return digest.hexdigest()[:16]
