@@ -251,6 +251,213 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class RetrieverConfig:
+    """``index.encoder``: the CLIP-style dual encoder's shape."""
+
+    embed_dim: int = 64  # shared embedding space
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_text_tokens: int = 64
+    image_channels: tuple[int, ...] = (32, 64, 128)  # one 2x downsample per entry
+
+    def __post_init__(self) -> None:
+        where = "index.encoder"
+        for key in ("embed_dim", "text_width", "text_layers", "text_heads", "max_text_tokens"):
+            _check(getattr(self, key) >= 1, f"{where}.{key}", "must be >= 1")
+        _check(
+            self.text_width % self.text_heads == 0,
+            f"{where}.text_width",
+            "must be divisible by text_heads",
+        )
+        _check(len(self.image_channels) >= 1, f"{where}.image_channels", "needs a width")
+        _check(
+            all(c % 8 == 0 for c in self.image_channels),
+            f"{where}.image_channels",
+            "widths must be multiples of 8 (GroupNorm uses 8 groups)",
+        )
+
+
+@dataclass(frozen=True)
+class RetrieverTrainConfig:
+    """``index.train``: contrastive training of the dual encoder on the train split."""
+
+    steps: int = 600
+    batch_size: int = 128
+    lr: float = 0.001
+    warmup_steps: int = 50
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        where = "index.train"
+        _check(self.steps >= 1, f"{where}.steps", "must be >= 1")
+        _check(self.batch_size >= 2, f"{where}.batch_size", "must be >= 2 (contrastive)")
+        _check(self.lr > 0, f"{where}.lr", "must be > 0")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        _check(self.log_every >= 1, f"{where}.log_every", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RetrievalPolicyConfig:
+    """``index.policy``: CM3Leon's retrieval policy (Yu et al. 2023 §2.2, after RA-CM3)."""
+
+    k: int = 2  # neighbors per query
+    relevance_threshold: float = 0.9  # skip candidates at least this similar (near-duplicates)
+    duplicate_threshold: float = 0.9  # skip candidates this similar to an already chosen one
+    prefer_multimodal: bool = True  # rank image+text documents before single-modality ones
+    query_dropout: float = 0.2  # share of query tokens (text) / patches (image) dropped
+    candidates: int = 32  # faiss candidates the policy chooses from
+
+    def __post_init__(self) -> None:
+        where = "index.policy"
+        _check(self.k >= 0, f"{where}.k", "must be >= 0")
+        _check(-1 <= self.relevance_threshold <= 1, f"{where}.relevance_threshold", "in [-1, 1]")
+        _check(-1 <= self.duplicate_threshold <= 1, f"{where}.duplicate_threshold", "in [-1, 1]")
+        _check(0 <= self.query_dropout < 1, f"{where}.query_dropout", "must be in [0, 1)")
+        _check(self.candidates >= self.k, f"{where}.candidates", "must be >= k")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """``index``: dual encoder, faiss memory bank and neighbor table (the ``index`` stage)."""
+
+    retriever_checkpoint: str | None = None  # a models/retriever folder to load instead
+    factory: str = "Flat"  # faiss index-factory string, e.g. "IVF256,Flat", "HNSW32"
+    nprobe: int = 16  # IVF indexes: inverted lists visited per query
+    ef_search: int = 64  # HNSW indexes: search breadth
+    embed_batch_size: int = 512
+    eval_queries: int = 500  # held-out captions scored for attribute precision@5
+    encoder: RetrieverConfig = field(default_factory=RetrieverConfig)
+    train: RetrieverTrainConfig = field(default_factory=RetrieverTrainConfig)
+    policy: RetrievalPolicyConfig = field(default_factory=RetrievalPolicyConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.factory.strip()), "index.factory", "must be a faiss factory string")
+        _check(self.nprobe >= 1, "index.nprobe", "must be >= 1")
+        _check(self.ef_search >= 1, "index.ef_search", "must be >= 1")
+        _check(self.embed_batch_size >= 1, "index.embed_batch_size", "must be >= 1")
+        _check(self.eval_queries >= 1, "index.eval_queries", "must be >= 1")
+
+
+# Transformer shapes (STYLE.md §13: presets are data). `tiny` is for tests, `default` for the
+# 2-core CPU run; the others are the paper's shapes (Yu et al. 2023, Table 3), for GPU users.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 384},
+    "default": {"n_layer": 4, "n_head": 4, "d_model": 256, "max_seq_len": 384},
+    "350m": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 4096},
+    "760m": {"n_layer": 24, "n_head": 24, "d_model": 1536, "max_seq_len": 4096},
+    "7b": {"n_layer": 32, "n_head": 32, "d_model": 4096, "max_seq_len": 4096},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``pretrain.model``: a preset, optionally overridden field by field."""
+
+    preset: str = "default"
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_model: int | None = None
+    max_seq_len: int | None = None
+    init_std: float = 0.006  # truncated-normal init, as in the paper
+
+    def __post_init__(self) -> None:
+        _check(
+            self.preset in MODEL_PRESETS,
+            "pretrain.model.preset",
+            f"unknown preset {self.preset!r}; known: {list(MODEL_PRESETS)}",
+        )
+        shape = self.shape()
+        for key in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            _check(shape[key] >= 1, f"pretrain.model.{key}", "must be >= 1")
+        _check(
+            shape["d_model"] % shape["n_head"] == 0,
+            "pretrain.model.d_model",
+            f"must be divisible by n_head ({shape['n_head']})",
+        )
+        _check(self.init_std > 0, "pretrain.model.init_std", "must be > 0")
+
+    def shape(self) -> dict[str, int]:
+        """The preset with this config's overrides applied."""
+        shape = dict(MODEL_PRESETS[self.preset])
+        for key in shape:
+            value = getattr(self, key)
+            if value is not None:
+                shape[key] = value
+        return shape
+
+
+@dataclass(frozen=True)
+class CM3Config:
+    """``pretrain.cm3``: the causal-masked objective (Aghajanyan et al. 2022, CM3Leon §2.3)."""
+
+    poisson_lambda: float = 1.0  # spans per document ~ clamp(Poisson(lambda), min, max)
+    min_spans: int = 1
+    max_spans: int = 16
+    max_span_length: int = 16  # span length ~ uniform[1, min(max_span_length, segment length)]
+    unmasked_fraction: float = 0.1  # share of documents left as plain left-to-right text
+
+    def __post_init__(self) -> None:
+        where = "pretrain.cm3"
+        _check(self.poisson_lambda >= 0, f"{where}.poisson_lambda", "must be >= 0")
+        _check(self.min_spans >= 0, f"{where}.min_spans", "must be >= 0")
+        _check(self.max_spans >= self.min_spans, f"{where}.max_spans", "must be >= min_spans")
+        _check(self.max_span_length >= 1, f"{where}.max_span_length", "must be >= 1")
+        _check(0 <= self.unmasked_fraction <= 1, f"{where}.unmasked_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """``pretrain.train`` / ``sft.train``: the DeepSpeed training loop (DESIGN.md §7)."""
+
+    steps: int = 600  # optimizer steps
+    micro_batch_size: int = 16  # sequences per process per forward
+    gradient_accumulation_steps: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    lr: float = 0.003
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.98)  # AdamW, as in the paper
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100  # resumable checkpoints in the scratch folder
+
+    def __post_init__(self) -> None:
+        where = "train"
+        for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
+            _check(getattr(self, key) >= 1, f"{where}.{key}", "must be >= 1")
+        for key in ("eval_every", "eval_batches", "checkpoint_every"):
+            _check(getattr(self, key) >= 1, f"{where}.{key}", "must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), f"{where}.zero_stage", "must be 0, 1, 2 or 3")
+        _check(self.lr > 0, f"{where}.lr", "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{where}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2, f"{where}.betas", "must be two numbers")
+        _check(self.grad_clip > 0, f"{where}.grad_clip", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """``pretrain``: retrieval-augmented CM3 pretraining (Yu et al. 2023 §2)."""
+
+    retrieval_k_max: int = 2  # neighbors per document ~ uniform{0..K}; 0 = no retrieval
+    retrieved_loss_weight: float = 1.0  # CM3Leon: the same weight as the query document
+    paraphrase_augment: bool = True  # draw a caption paraphrase per sample
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cm3: CM3Config = field(default_factory=CM3Config)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.retrieval_k_max >= 0, "pretrain.retrieval_k_max", "must be >= 0")
+        _check(self.retrieved_loss_weight >= 0, "pretrain.retrieved_loss_weight", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FlowConfig:
     """``flow``: how the Prefect flow runs each DVC stage."""
 
@@ -272,6 +479,8 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 

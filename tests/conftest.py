@@ -17,7 +17,16 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("cm3leon", "stages", "flows", "dvc.yaml", "params.yaml", "data/raw", ".dvcignore")
+PROJECT_FILES = (
+    "cm3leon",
+    "stages",
+    "flows",
+    "dvc.yaml",
+    "params.yaml",
+    "data/raw",
+    ".dvcignore",
+    ".gitignore",
+)
 
 # Small enough to run the DAG in seconds, big enough for split proportions to be meaningful.
 TINY_PARAMS = {
@@ -26,6 +35,28 @@ TINY_PARAMS = {
         "text_vocab_size": 300,
         "vq": {"codebook_size": 32, "code_dim": 8, "channels": [16, 16]},
         "train": {"steps": 15, "batch_size": 8, "log_every": 5},
+    },
+    "index": {
+        "encoder": {
+            "embed_dim": 16,
+            "text_width": 32,
+            "text_layers": 1,
+            "text_heads": 2,
+            "image_channels": [8, 16, 16],
+        },
+        "train": {"steps": 20, "batch_size": 32, "warmup_steps": 5, "log_every": 5},
+        "eval_queries": 20,
+    },
+    "pretrain": {
+        "model": {"preset": "tiny"},
+        "train": {
+            "steps": 4,
+            "micro_batch_size": 4,
+            "log_every": 2,
+            "eval_every": 2,
+            "eval_batches": 2,
+            "checkpoint_every": 2,
+        },
     },
     "flow": {"retries": 0, "retry_delay_seconds": 0},
 }

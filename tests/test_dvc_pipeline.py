@@ -24,6 +24,11 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     assert tokenize_metrics["images"] > 0 and "psnr_db" in tokenize_metrics
     assert (root / "reports/tokenize/reconstructions.png").is_file()
     assert (root / "reports/tokenize/live/plots/metrics/vq/loss.tsv").is_file()
+    index_metrics = json.loads((root / "reports/index/metrics.json").read_text())
+    assert index_metrics["bank_size"] > 0 and "text_to_image_recall@5" in index_metrics
+    pretrain_metrics = json.loads((root / "reports/pretrain/metrics.json").read_text())
+    assert pretrain_metrics["val/loss"] > 0 and pretrain_metrics["parameters"] > 0
+    assert (root / "models/pretrain/model.safetensors").is_file()
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
@@ -50,6 +55,10 @@ def test_same_seed_gives_identical_corpus_hashes(make_project):
     assert [lock_outs(a, "tokenize")[p] for p in artifacts] == [
         lock_outs(b, "tokenize")[p] for p in artifacts
     ]
+    assert lock_outs(a, "index")["data/retrieval"] == lock_outs(b, "index")["data/retrieval"]
+    assert (
+        lock_outs(a, "pretrain")["models/pretrain"] == lock_outs(b, "pretrain")["models/pretrain"]
+    )
 
 
 def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):

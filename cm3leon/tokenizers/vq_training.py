@@ -5,15 +5,13 @@ linear warmup then cosine decay, loss = MSE reconstruction + ``commitment`` x co
 the codebook itself moves by EMA inside the quantizer. On CPU the same seed gives the same
 weights, hence byte-identical tokens downstream.
 
-Checkpoints are ``model.safetensors`` (weights and codebook buffers, no pickled code) plus
-``config.json`` holding the :class:`~cm3leon.config.VQConfig` and a fingerprint of both; the
-fingerprint travels into the tokens artifact so a later stage can tell which tokenizer made it.
+Checkpoints are model folders (:mod:`cm3leon.checkpoints`: safetensors weights and codebook
+buffers + ``config.json`` with the :class:`~cm3leon.config.VQConfig`); the fingerprint travels
+into the tokens artifact so a later stage can tell which tokenizer made it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,15 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from cm3leon.artifacts import atomic_write_bytes, atomic_write_json
+from cm3leon.checkpoints import load_model_folder, save_model_folder
 from cm3leon.config import ConfigError, VQConfig, VQTrainConfig, from_mapping
 from cm3leon.tokenizers.vq import VQModel, psnr, to_model_input, to_uint8
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
@@ -151,47 +145,17 @@ def mask_iou(masks: np.ndarray, reconstructions: np.ndarray) -> float:
 
 
 def save_vq(model: VQModel, folder: str | Path) -> str:
-    """Write weights + config; returns the fingerprint stored in ``config.json``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "cm3leon-vq"})
-    weights = tmp.read_bytes()
-    tmp.unlink()
-    atomic_write_bytes(folder / WEIGHTS_FILE, weights)
-    config = asdict(model.config)
-    fingerprint = _fingerprint(config, weights)
-    atomic_write_json(folder / CONFIG_FILE, {"config": config, "fingerprint": fingerprint})
-    return fingerprint
+    """Write weights + config (see :mod:`cm3leon.checkpoints`); returns the fingerprint."""
+    return save_model_folder(folder, model.state_dict(), {"config": asdict(model.config)})
 
 
 def load_vq(folder: str | Path) -> tuple[VQModel, str]:
     """Rebuild a tokenizer saved by :func:`save_vq`; returns (model in eval mode, fingerprint)."""
-    folder = Path(folder)
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} is not a VQ tokenizer folder")
-    stored = json.loads(config_path.read_text(encoding="utf-8"))
+    state, meta, fingerprint = load_model_folder(folder, "VQ tokenizer")
     try:
-        config = from_mapping(VQConfig, stored["config"], "vq")
+        config = from_mapping(VQConfig, meta["config"], "vq")
     except (ConfigError, KeyError) as err:
-        raise ConfigError(f"{config_path}: invalid VQ config: {err}") from None
-    weights = weights_path.read_bytes()
-    fingerprint = _fingerprint(asdict(config), weights)
-    if stored.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"{folder}: weights or config changed since they were saved "
-            f"(fingerprint {stored.get('fingerprint')} != {fingerprint})"
-        )
+        raise ConfigError(f"{folder}: invalid VQ config: {err}") from None
     model = VQModel(config)
-    model.load_state_dict(load_file(str(weights_path)))
-    model.eval()
-    return model, fingerprint
-
-
-def _fingerprint(config: dict, weights: bytes) -> str:
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    digest.update(weights)
-    return digest.hexdigest()[:16]
+    model.load_state_dict(state)
+    return model.eval(), fingerprint

@@ -29,7 +29,14 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
     root = make_project()
     add_downstream_stage(root)
     stages = flow_module.dvc_stages(Path(root))
-    assert [s["name"] for s in stages] == ["prepare", "validate", "tokenize", "downstream"]
+    assert [s["name"] for s in stages] == [
+        "prepare",
+        "validate",
+        "tokenize",
+        "index",
+        "pretrain",
+        "downstream",
+    ]
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
 
 
@@ -38,12 +45,12 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     state = flow_module.pipeline(project=str(root), return_state=True)
     assert state.is_completed()
     results = state.result()
-    assert list(results) == ["prepare", "validate", "tokenize"]
+    assert list(results) == ["prepare", "validate", "tokenize", "index", "pretrain"]
     metrics = {row["metric"]: row["value"] for row in results["validate"]}
     assert metrics["success"] is True
     assert "dvc.lock" in {p.name for p in root.iterdir()}
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "validate", "tokenize"}
+    assert set(lock["stages"]) == {"prepare", "validate", "tokenize", "index", "pretrain"}
 
 
 def test_flow_rejects_unknown_stage_names(make_project, flow_module):

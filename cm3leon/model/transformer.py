@@ -1,0 +1,286 @@
+"""Decoder-only transformer with CM3Leon's architecture defaults (Yu et al. 2023, §2.3; DESIGN §7).
+
+The paper's choices, all on by default and not switchable (STYLE.md §10):
+
+* no bias terms anywhere, no dropout;
+* LayerNorm without learnable parameters (``elementwise_affine=False``), pre-norm blocks and a
+  final norm before the output head;
+* learned absolute position embeddings;
+* truncated-normal init with ``std = init_std`` (0.006), cut at +-2 std, and zero-initialised
+  output projections (attention out-projection and MLP down-projection of every block), so at
+  init every block is the identity on the residual stream;
+* attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+The output head is a separate matrix, *untied* from the token embedding.
+
+Generation uses a preallocated :class:`KVCache`: ``model(ids, kv_cache=cache)`` feeds new tokens
+that attend to the cached keys/values and to each other (causally), continue the positions from
+``cache.length`` and append their keys/values to the cache in place.
+
+A model is rebuilt from its :class:`TransformerShape` (``to_dict``/``from_dict``), which every
+checkpoint stores beside the weights (STYLE.md §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3leon.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """Everything needed to rebuild a :class:`DecoderLM` (stored in checkpoints)."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    max_seq_len: int
+    init_std: float = 0.006
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransformerShape.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"TransformerShape.d_model ({self.d_model}) must be divisible by "
+                f"n_head ({self.n_head})"
+            )
+        if self.init_std <= 0:
+            raise ValueError(f"TransformerShape.init_std must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransformerShape:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown TransformerShape key(s) {unknown}; valid keys: {sorted(known)} "
+                "(checkpoint from another version?)"
+            )
+        return cls(**data)
+
+    @classmethod
+    def from_config(cls, model_config: ModelConfig, vocab_size: int) -> TransformerShape:
+        """The shape of ``pretrain.model`` (preset + overrides) for a vocabulary of this size."""
+        return cls(vocab_size=vocab_size, init_std=model_config.init_std, **model_config.shape())
+
+
+class KVCache:
+    """Preallocated keys/values of every layer, each ``(B, n_head, max_len, head_dim)``.
+
+    ``length`` positions are filled. The model writes new entries for all layers at
+    ``[length, length + T)`` and then calls :meth:`advance`.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0):
+        if len(keys) != len(values) or not keys:
+            raise ValueError("KVCache needs one key and one value tensor per layer")
+        self.keys = keys  # n_layer x (B, n_head, max_len, head_dim)
+        self.values = values  # n_layer x (B, n_head, max_len, head_dim)
+        self.length = length
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def write(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, n_head, T, head_dim) after the filled part of ``layer``; return the
+        layer's keys and values up to and including them, (B, n_head, length + T, head_dim)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def select(self, indices: torch.Tensor | list[int]) -> KVCache:
+        """A new cache holding rows ``indices`` of this one (in that order, repeats allowed):
+        reorders for beam search, or expands a prompt's cache to several samples."""
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.keys[0].device)
+        return KVCache(
+            [k.index_select(0, index) for k in self.keys],
+            [v.index_select(0, index) for v in self.values],
+            self.length,
+        )
+
+    def clone(self) -> KVCache:
+        return KVCache(
+            [k.clone() for k in self.keys], [v.clone() for v in self.values], self.length
+        )
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.n_head = shape.n_head
+        self.head_dim = shape.head_dim
+        self.qkv_proj = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
+        self.out_proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv_proj(x).split(D, dim=-1)  # 3 x (B, T, D)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        # q, k, v: (B, n_head, T, head_dim)
+        past = 0 if kv_cache is None else kv_cache.length
+        if kv_cache is not None:
+            # (B, n_head, past + T, head_dim); cast back in case the cache's dtype differs
+            # from the activations' (e.g. an fp32 cache under bf16 autocast).
+            k, v = (t.to(q.dtype) for t in kv_cache.write(layer, k, v))
+        if past == 0:
+            # Queries and keys are aligned: the plain causal mask is right.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:
+            # One new token attends to everything before it and to itself: no mask.
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # `is_causal` assumes a square, top-left aligned mask; with a cache the new query i
+            # sits at position past + i and may see keys 0 .. past + i (True = attend).
+            query_pos = torch.arange(past, past + T, device=x.device)[:, None]  # (T, 1)
+            key_pos = torch.arange(past + T, device=x.device)[None, :]  # (1, past + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos)
+        y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.up_proj = nn.Linear(shape.d_model, 4 * shape.d_model, bias=False)
+        self.down_proj = nn.Linear(4 * shape.d_model, shape.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))``; norms have no parameters."""
+
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(shape.d_model, elementwise_affine=False)
+        self.attn = CausalSelfAttention(shape)
+        self.mlp_norm = nn.LayerNorm(shape.d_model, elementwise_affine=False)
+        self.mlp = MLP(shape)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv_cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLM(nn.Module):
+    """Token + learned position embeddings, ``n_layer`` pre-norm blocks, a parameter-free final
+    LayerNorm and an untied, bias-free output head."""
+
+    def __init__(self, shape: TransformerShape):
+        super().__init__()
+        self.shape = shape
+        self.token_embedding = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.position_embedding = nn.Embedding(shape.max_seq_len, shape.d_model)
+        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
+        self.final_norm = nn.LayerNorm(shape.d_model, elementwise_affine=False)
+        self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Truncated normal (std ``init_std``, cut at +-2 std) for every weight; zeros for the
+        output projections of every block (CM3Leon §2.3)."""
+        std = self.shape.init_std
+        for parameter in self.parameters():
+            nn.init.trunc_normal_(parameter, mean=0.0, std=std, a=-2 * std, b=2 * std)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.out_proj.weight)
+            nn.init.zeros_(block.mlp.down_proj.weight)
+
+    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with a cache, ``ids`` continue
+        the cached sequence and the cache is extended in place."""
+        B, T = ids.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        if past + T > self.shape.max_seq_len:
+            raise ValueError(
+                f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds the model's "
+                f"max_seq_len {self.shape.max_seq_len}; truncate the input or use a larger preset"
+            )
+        if kv_cache is not None:
+            if kv_cache.batch_size != B:
+                raise ValueError(f"KV cache holds {kv_cache.batch_size} rows but ids have {B}")
+            if past + T > kv_cache.max_len:
+                raise ValueError(
+                    f"KV cache of max_len {kv_cache.max_len} cannot hold {past + T} tokens; "
+                    "create it with a larger max_len"
+                )
+        positions = torch.arange(past, past + T, device=ids.device)  # (T,)
+        x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, D)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.head(self.final_norm(x))  # (B, T, V)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache for ``batch_size`` rows of up to ``max_len`` (default max_seq_len)
+        tokens, on the model's device and dtype unless given."""
+        max_len = self.shape.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.shape.max_seq_len:
+            raise ValueError(f"cache max_len must be in [1, {self.shape.max_seq_len}]")
+        reference = self.head.weight
+        size = (batch_size, self.shape.n_head, max_len, self.shape.head_dim)
+        kwargs = {"device": device or reference.device, "dtype": dtype or reference.dtype}
+        return KVCache(
+            [torch.zeros(size, **kwargs) for _ in range(self.shape.n_layer)],
+            [torch.zeros(size, **kwargs) for _ in range(self.shape.n_layer)],
+        )
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """All parameters, or only those used in matrix multiplies (blocks and output head)
+        when ``exclude_embeddings`` drops the token and position lookup tables."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context length ``seq_len``:
+        ``6 N + 12 L d T`` (Kaplan et al. 2020; PaLM Appendix B).
+
+        ``N`` is :meth:`num_parameters` without the embedding tables (lookups do no matmul; the
+        untied head does and is counted): 2 FLOPs per weight forward, 4 backward. ``12 L d T`` is
+        the attention scores and weighted sum (``QK^T`` and ``AV``, 2 d T FLOPs each per token
+        and layer forward, x3 with backward), counted over the full ``T`` as is usual, even
+        though causal attention needs only about half. Divide achieved FLOP/s by peak for MFU.
+        """
+        n = self.num_parameters(exclude_embeddings=True)
+        return 6 * n + 12 * self.shape.n_layer * self.shape.d_model * seq_len

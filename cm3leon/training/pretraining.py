@@ -1,0 +1,208 @@
+"""Retrieval-augmented CM3 pretraining (the ``pretrain`` stage's library half, DESIGN.md §7).
+
+Reads the tokens and the index stage's neighbor table, builds the decoder-only transformer of the
+configured preset, trains it through DeepSpeed with the CM3 objective on sequences that carry
+each document's retrieved neighbors (:mod:`cm3leon.training.sequences`), and exports the final
+model folder: safetensors weights + ``config.json`` (transformer shape, Vocab layout, the
+fingerprints of the tokens it was trained on) + ``vocab.json``.
+
+Resumable checkpoints live under ``scratch_root/<run key>/``, the key hashing every input that
+shapes the run (params, seed, tokens and neighbor-table contents). A killed run resumes there;
+a changed input gets a new key and never resumes a stale checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from cm3leon.artifacts import atomic_dir
+from cm3leon.checkpoints import load_model_folder, save_model_folder
+from cm3leon.config import PretrainConfig
+from cm3leon.model.transformer import DecoderLM, TransformerShape
+from cm3leon.tokenizers.tokens import check_tokens, read_split
+from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.training.deepspeed_setup import init_distributed
+from cm3leon.training.loop import LogCallback, train
+from cm3leon.training.sequences import (
+    RetrievalAugmentedSequences,
+    TokenDocument,
+    collate,
+    sample_indices,
+)
+
+
+def load_documents(tokens_dir: str | Path, split: str) -> tuple[list[str], list[TokenDocument]]:
+    table = read_split(tokens_dir, split).select(["id", "paraphrase_ids", "image_ids"])
+    ids = table.column("id").to_pylist()
+    documents = [
+        TokenDocument(tuple(tuple(p) for p in paraphrases), tuple(image))
+        for paraphrases, image in zip(
+            table.column("paraphrase_ids").to_pylist(),
+            table.column("image_ids").to_pylist(),
+            strict=True,
+        )
+    ]
+    return ids, documents
+
+
+def load_neighbors(
+    retrieval_dir: str | Path, ids: list[str], bank_ids: list[str]
+) -> list[list[int]]:
+    """Bank rows of each document's neighbors, in the order the policy chose them."""
+    table = pq.read_table(Path(retrieval_dir) / "neighbors.parquet", columns=["id", "neighbor_ids"])
+    by_id = dict(
+        zip(table.column("id").to_pylist(), table.column("neighbor_ids").to_pylist(), strict=True)
+    )
+    row_of = {doc_id: row for row, doc_id in enumerate(bank_ids)}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(
+            f"{retrieval_dir}/neighbors.parquet has no entry for {len(missing)} documents "
+            f"(e.g. {missing[:3]}): the index stage ran on other tokens; rerun it"
+        )
+    return [[row_of[n] for n in by_id[i]] for i in ids]
+
+
+def run_key(
+    config: PretrainConfig, seed: int, tokens_dir: str | Path, retrieval_dir: str | Path
+) -> str:
+    """Hash of everything that shapes a run: a checkpoint is resumed only under the same key."""
+    digest = hashlib.sha256(
+        json.dumps({"config": asdict(config), "seed": seed}, sort_keys=True).encode()
+    )
+    for folder in (Path(tokens_dir), Path(retrieval_dir)):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def pretrain(
+    tokens_dir: str | Path,
+    retrieval_dir: str | Path,
+    config: PretrainConfig,
+    seed: int,
+    out_dir: str | Path,
+    scratch_root: str | Path,
+    on_log: LogCallback | None = None,
+) -> dict[str, Any]:
+    """Train and export; returns run facts (key, parameters, shape). Call on every rank."""
+    rank, world, device = init_distributed()
+    vocab = Vocab.load(tokens_dir)
+    tokens_manifest = check_tokens(tokens_dir, vocab)
+    bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
+    train_ids, train_docs = load_documents(tokens_dir, "train")
+    if bank != train_ids:
+        raise ValueError(
+            f"{retrieval_dir} indexes other train documents than {tokens_dir}; rerun index"
+        )
+    val_ids, val_docs = load_documents(tokens_dir, "val")
+    shape = TransformerShape.from_config(config.model, vocab.size)
+    sequences = {
+        "train": RetrievalAugmentedSequences(
+            train_docs,
+            load_neighbors(retrieval_dir, train_ids, bank),
+            train_docs,
+            vocab,
+            config,
+            shape.max_seq_len,
+            seed,
+        ),
+        "val": RetrievalAugmentedSequences(
+            val_docs,
+            load_neighbors(retrieval_dir, val_ids, bank),
+            train_docs,
+            vocab,
+            config,
+            shape.max_seq_len,
+            seed + 1,
+        ),
+    }
+    train_config = config.train
+
+    def batch_for(step: int, micro: int, rank: int, world: int):
+        indices = sample_indices(
+            step,
+            micro,
+            rank,
+            world,
+            train_config.micro_batch_size,
+            train_config.gradient_accumulation_steps,
+            len(sequences["train"]),
+            seed,
+        )
+        return collate([sequences["train"].build(i) for i in indices], vocab.pad)
+
+    validation = {"val": _validation_batches(sequences["val"], config, train_config)}
+    torch.manual_seed(seed)
+    model = DecoderLM(shape).to(device)
+    key = run_key(config, seed, tokens_dir, retrieval_dir)
+    trained = train(
+        model,
+        batch_for,
+        validation,
+        vocab,
+        train_config,
+        Path(scratch_root) / key,
+        rank,
+        world,
+        device,
+        on_log,
+    )
+    if rank == 0:
+        export_model(
+            trained,
+            shape,
+            vocab,
+            out_dir,
+            {
+                "stage": "pretrain",
+                "tokens_vocab_fingerprint": tokens_manifest["vocab_fingerprint"],
+                "tokens_vq_fingerprint": tokens_manifest["vq_fingerprint"],
+                "retrieval_k_max": config.retrieval_k_max,
+                "run_key": key,
+            },
+        )
+    if world > 1:
+        dist.barrier()
+    return {"run_key": key, "parameters": trained.num_parameters(), "shape": shape.to_dict()}
+
+
+def _validation_batches(
+    sequences: RetrievalAugmentedSequences, config: PretrainConfig, train_config
+):
+    """Fixed val batches: every sequence with all ``retrieval_k_max`` neighbors, no augmentation."""
+    count = min(len(sequences), train_config.eval_batches * train_config.micro_batch_size)
+    built = [sequences.build(i, k=config.retrieval_k_max, augment=False) for i in range(count)]
+    size = train_config.micro_batch_size
+    return [collate(built[i : i + size], sequences.vocab.pad) for i in range(0, count, size)]
+
+
+def export_model(
+    model: DecoderLM, shape: TransformerShape, vocab: Vocab, out_dir, extra: dict
+) -> str:
+    """Write the model folder atomically; returns its fingerprint."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    with atomic_dir(out_dir) as tmp:
+        fingerprint = save_model_folder(
+            tmp, state, {"shape": shape.to_dict(), "vocab": vocab.to_dict(), **extra}
+        )
+        vocab.save(tmp)
+    return fingerprint
+
+
+def load_decoder(folder: str | Path) -> tuple[DecoderLM, Vocab, dict[str, Any], str]:
+    """Rebuild an exported model: ``(model in eval mode, vocab, metadata, fingerprint)``."""
+    state, meta, fingerprint = load_model_folder(folder, "transformer")
+    vocab = Vocab.load(folder)
+    model = DecoderLM(TransformerShape.from_dict(meta["shape"]))
+    model.load_state_dict(state)
+    return model.eval(), vocab, meta, fingerprint

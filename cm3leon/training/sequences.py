@@ -1,0 +1,167 @@
+"""Retrieval-augmented CM3 training sequences (DESIGN.md §7; RA-CM3 / CM3Leon §2).
+
+A training sequence for document ``d`` with retrieved neighbors ``r1..rk``::
+
+    <bos> r1 <eos> r2 <eos> ... rk <eos> CM3(d) <eos>
+
+where each document is ``caption <break> image`` (:mod:`cm3leon.tokenizers.document`), ``k``
+is drawn uniformly from ``0..retrieval_k_max`` per sample (RA-CM3's sampling; capped by the
+neighbors the index stage found), and CM3 masks spans of the query document only
+(:mod:`cm3leon.model.cm3`). Each token carries the loss weight for *predicting* it: 0 for
+``<bos>`` and CM3 sentinels, ``retrieved_loss_weight`` inside retrieved documents (CM3Leon uses
+the query's weight, 1), 1 elsewhere. If a sequence is longer than the model's context,
+neighbors are dropped from the front; a query document that alone does not fit is an error.
+
+Randomness is keyed by ``(seed, sample index)`` — separately for the CM3 masks and the
+neighbor count — so a sample is the same whatever the process count or a resume point, and the
+query side of an evaluation sequence is identical with or without retrieval.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cm3leon.config import PretrainConfig
+from cm3leon.model.cm3 import cm3_mask_spans
+from cm3leon.tokenizers.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class TokenDocument:
+    """A document's token ids: every caption paraphrase (primary first) and its image."""
+
+    paraphrases: tuple[tuple[int, ...], ...]
+    image: tuple[int, ...]
+
+
+@dataclass
+class TrainingSequence:
+    ids: list[int]
+    weights: list[float]  # weight for predicting ids[j]
+    query_start: int  # index of the query document's first token
+
+
+@dataclass
+class Batch:
+    """Model inputs and targets, padded: ``inputs``/``targets``/``weights`` are ``(B, T)``."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+    query: torch.Tensor  # (B, T) bool: the target belongs to the query document
+
+    @property
+    def tokens(self) -> int:
+        return int((self.weights > 0).sum())
+
+
+class RetrievalAugmentedSequences:
+    """Builds sequences for documents given their neighbors in a memory bank."""
+
+    def __init__(
+        self,
+        documents: Sequence[TokenDocument],
+        neighbors: Sequence[Sequence[int]],
+        bank: Sequence[TokenDocument],
+        vocab: Vocab,
+        config: PretrainConfig,
+        max_seq_len: int,
+        seed: int,
+    ) -> None:
+        if len(documents) != len(neighbors):
+            raise ValueError(f"{len(documents)} documents but {len(neighbors)} neighbor lists")
+        self.documents, self.neighbors, self.bank = documents, neighbors, bank
+        self.vocab, self.config, self.max_seq_len, self.seed = vocab, config, max_seq_len, seed
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def build(self, index: int, k: int | None = None, augment: bool = True) -> TrainingSequence:
+        """Sequence for document ``index``; ``k`` fixes the neighbor count (evaluation)."""
+        vocab, config = self.vocab, self.config
+        query_rng = np.random.default_rng([self.seed, 1, index])
+        context_rng = np.random.default_rng([self.seed, 2, index])
+        document = self.documents[index]
+        caption = self._caption(document, query_rng if augment else None)
+        masked = cm3_mask_spans(
+            [*caption, vocab.brk, *document.image], vocab, config.cm3, query_rng
+        )
+        query_ids = [*masked.ids, vocab.eos]
+        query_weights = [*masked.loss_weights, 1.0]
+        if 1 + len(query_ids) > self.max_seq_len:
+            raise ValueError(
+                f"document {index} alone needs {1 + len(query_ids)} tokens but the model's "
+                f"context is {self.max_seq_len}; raise pretrain.model.max_seq_len"
+            )
+        available = list(self.neighbors[index])
+        if k is None:
+            k = int(context_rng.integers(0, config.retrieval_k_max + 1))
+        context_ids: list[int] = []
+        context_weights: list[float] = []
+        for row in available[: min(k, len(available))]:
+            neighbor = self.bank[row]
+            ids = [*neighbor.paraphrases[0], vocab.brk, *neighbor.image, vocab.eos]
+            if 1 + len(context_ids) + len(ids) + len(query_ids) > self.max_seq_len:
+                break  # keep the neighbors that fit, best first
+            context_ids += ids
+            context_weights += [config.retrieved_loss_weight] * len(ids)
+        return TrainingSequence(
+            ids=[vocab.bos, *context_ids, *query_ids],
+            weights=[0.0, *context_weights, *query_weights],
+            query_start=1 + len(context_ids),
+        )
+
+    def _caption(self, document: TokenDocument, rng: np.random.Generator | None) -> tuple:
+        if rng is None or not self.config.paraphrase_augment:
+            return document.paraphrases[0]
+        return document.paraphrases[int(rng.integers(len(document.paraphrases)))]
+
+
+def collate(sequences: Sequence[TrainingSequence], pad: int) -> Batch:
+    """Shift into (inputs, targets), pad to the longest sequence with weight 0."""
+    length = max(len(s.ids) for s in sequences) - 1
+    inputs = torch.full((len(sequences), length), pad, dtype=torch.long)
+    targets = torch.full((len(sequences), length), pad, dtype=torch.long)
+    weights = torch.zeros((len(sequences), length))
+    query = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        n = len(s.ids) - 1
+        inputs[i, :n] = torch.tensor(s.ids[:-1])
+        targets[i, :n] = torch.tensor(s.ids[1:])
+        weights[i, :n] = torch.tensor(s.weights[1:])
+        query[i, max(s.query_start - 1, 0) : n] = True  # targets at positions >= query_start
+    return Batch(inputs, targets, weights, query)
+
+
+def sample_indices(
+    step: int,
+    micro_step: int,
+    rank: int,
+    world: int,
+    micro_batch: int,
+    accumulation: int,
+    dataset_size: int,
+    seed: int,
+) -> list[int]:
+    """Document indices for one micro-batch: a seeded permutation per epoch, walked in order.
+
+    Sample number ``n = ((step * accumulation + micro_step) * world + rank) * micro_batch + b``,
+    so the samples of one optimizer step are the same set for any split of the global batch
+    across processes and micro-steps.
+    """
+    out = []
+    for b in range(micro_batch):
+        n = ((step * accumulation + micro_step) * world + rank) * micro_batch + b
+        epoch, position = divmod(n, dataset_size)
+        out.append(int(_permutation(seed, epoch, dataset_size)[position]))
+    return out
+
+
+@functools.lru_cache(maxsize=2)  # a step spans at most two epochs
+def _permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, 3, epoch]).permutation(size)

@@ -1,0 +1,156 @@
+"""DecoderLM: the paper's architecture choices, causality and KV-cache equivalence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cm3leon.config import ModelConfig
+from cm3leon.model.transformer import DecoderLM, KVCache, TransformerShape
+
+SHAPE = TransformerShape(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32)
+
+
+def make_model(shape: TransformerShape = SHAPE, seed: int = 0) -> DecoderLM:
+    torch.manual_seed(seed)
+    return DecoderLM(shape).eval()
+
+
+def randomize(model: DecoderLM) -> DecoderLM:
+    """Non-zero output projections, so the blocks actually do something."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    return model
+
+
+def test_output_shape():
+    model = make_model()
+    ids = torch.randint(0, SHAPE.vocab_size, (3, 7))
+    assert model(ids).shape == (3, 7, SHAPE.vocab_size)
+
+
+def test_no_biases_and_parameter_free_norms():
+    model = make_model()
+    for name, _ in model.named_parameters():
+        assert "bias" not in name, name
+        assert "norm" not in name, name
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * SHAPE.n_layer + 1
+    assert all(not m.elementwise_affine and m.weight is None and m.bias is None for m in norms)
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.bias is None for m in linears)
+
+
+def test_output_projections_zero_so_blocks_are_identity_at_init():
+    model = make_model()
+    for block in model.blocks:
+        assert torch.count_nonzero(block.attn.out_proj.weight) == 0
+        assert torch.count_nonzero(block.mlp.down_proj.weight) == 0
+    ids = torch.randint(0, SHAPE.vocab_size, (2, 9))
+    with torch.no_grad():
+        embeddings = model.token_embedding(ids) + model.position_embedding(torch.arange(9))
+        expected = model.head(model.final_norm(embeddings))
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+
+
+def test_truncated_normal_init_std():
+    shape = TransformerShape(vocab_size=4096, n_layer=1, n_head=2, d_model=64, max_seq_len=8)
+    model = make_model(shape)
+    weight = model.token_embedding.weight  # 262k entries
+    assert weight.abs().max() <= 2 * shape.init_std + 1e-9
+    # A normal cut at +-2 std has std 0.8796 * std.
+    assert weight.std().item() == pytest.approx(0.8796 * shape.init_std, rel=0.02)
+    assert weight.mean().item() == pytest.approx(0.0, abs=1e-4)
+    head = model.head.weight
+    assert head.std().item() == pytest.approx(0.8796 * shape.init_std, rel=0.02)
+
+
+def test_causal_future_tokens_do_not_change_earlier_logits():
+    model = randomize(make_model())
+    ids = torch.randint(0, SHAPE.vocab_size, (2, 12))
+    changed = ids.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % SHAPE.vocab_size
+    with torch.no_grad():
+        before, after = model(ids), model(changed)
+    torch.testing.assert_close(before[:, :8], after[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 8:], after[:, 8:])
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 3, 3], [4, 8], [12]])
+def test_kv_cache_matches_full_forward(chunks):
+    model = randomize(make_model())
+    ids = torch.randint(0, SHAPE.vocab_size, (3, sum(chunks)))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch_size=3)
+        pieces, position = [], 0
+        for size in chunks:
+            pieces.append(model(ids[:, position : position + size], kv_cache=cache))
+            position += size
+    assert cache.length == sum(chunks)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_cache_select_reorders_rows():
+    model = randomize(make_model())
+    ids = torch.randint(0, SHAPE.vocab_size, (3, 6))
+    following = torch.randint(0, SHAPE.vocab_size, (4, 2))
+    order = [2, 0, 0, 1]
+    with torch.no_grad():
+        cache = model.new_cache(batch_size=3, max_len=10)
+        model(ids, kv_cache=cache)
+        selected = cache.select(order)
+        assert isinstance(selected, KVCache) and selected.batch_size == 4 and selected.length == 6
+        stepped = model(following, kv_cache=selected)
+        full = model(torch.cat([ids[order], following], dim=1))
+    torch.testing.assert_close(stepped, full[:, 6:], rtol=0, atol=1e-5)
+    assert cache.length == 6  # the original is untouched
+    clone = cache.clone()
+    clone.keys[0].zero_()
+    assert cache.keys[0].abs().sum() > 0
+
+
+def test_exceeding_max_seq_len_raises():
+    model = make_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, SHAPE.max_seq_len + 1, dtype=torch.long))
+    cache = model.new_cache(batch_size=1)
+    model(torch.zeros(1, SHAPE.max_seq_len - 2, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+    small = model.new_cache(batch_size=1, max_len=4)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=small)
+
+
+def test_shape_round_trip_and_rebuild():
+    data = SHAPE.to_dict()
+    assert TransformerShape.from_dict(data) == SHAPE
+    model = make_model()
+    rebuilt = DecoderLM(TransformerShape.from_dict(data))
+    rebuilt.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="unknown TransformerShape key"):
+        TransformerShape.from_dict({**data, "dropout": 0.1})
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerShape(vocab_size=4, n_layer=1, n_head=3, d_model=16, max_seq_len=8)
+
+
+def test_shape_from_config():
+    shape = TransformerShape.from_config(ModelConfig(preset="tiny", d_model=64), vocab_size=99)
+    assert shape == TransformerShape(
+        vocab_size=99, n_layer=2, n_head=2, d_model=64, max_seq_len=384, init_std=0.006
+    )
+
+
+def test_parameter_count_and_flops_per_token():
+    model = make_model()
+    # Per block: qkv 16*48 + out 16*16 + up 16*64 + down 64*16 = 12 * 16^2 = 3072.
+    blocks, head = 2 * 3072, 40 * 16
+    token_embedding, position_embedding = 40 * 16, 32 * 16
+    assert model.num_parameters() == blocks + head + token_embedding + position_embedding
+    assert model.num_parameters(exclude_embeddings=True) == blocks + head == 6784
+    # 6 N + 12 L d T with N = 6784, L = 2, d = 16, T = 32.
+    assert model.flops_per_token(32) == 6 * 6784 + 12 * 2 * 16 * 32 == 52992

@@ -1,0 +1,199 @@
+"""The pretrain stage through the real DeepSpeed engine: a tiny run, kill-and-resume, run keys,
+and 2-process (torchrun, ZeRO-2) equivalence with 1 process at the same global batch."""
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cm3leon.config import (
+    DataConfig,
+    IndexConfig,
+    PretrainConfig,
+    RetrieverConfig,
+    RetrieverTrainConfig,
+    ShapeWorldConfig,
+    TokenizeConfig,
+    VQConfig,
+    VQTrainConfig,
+)
+from cm3leon.data.prepare import prepare_corpus
+from cm3leon.retrieval.memory_bank import build_memory_bank
+from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
+from cm3leon.training.pretraining import load_decoder, run_key
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = DataConfig(shapeworld=ShapeWorldConfig(num_images=120))
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain_inputs")
+    tokenize = TokenizeConfig(
+        text_vocab_size=300,
+        vq=VQConfig(codebook_size=32, code_dim=8, channels=(16, 16)),
+        train=VQTrainConfig(steps=5, batch_size=8),
+    )
+    index = IndexConfig(
+        encoder=RetrieverConfig(
+            embed_dim=16, text_width=32, text_layers=1, text_heads=2, image_channels=(8, 16, 16)
+        ),
+        train=RetrieverTrainConfig(steps=5, batch_size=16, warmup_steps=1),
+        eval_queries=5,
+    )
+    prepare_corpus(DATA, 1, root / "corpus")
+    tokenize_corpus(root / "corpus", DATA, tokenize, 1, root / "vq", root / "text", root / "tokens")
+    build_memory_bank(
+        root / "corpus", root / "tokens", DATA, index, 1, root / "retriever", root / "retrieval"
+    )
+    return root
+
+
+def params_file(folder: Path, **train) -> Path:
+    values = yaml.safe_load((ROOT / "params.yaml").read_text())
+    values["pretrain"]["model"] = {"preset": "tiny"}
+    values["pretrain"]["train"].update(
+        {
+            "steps": 8,
+            "micro_batch_size": 4,
+            "log_every": 1,
+            "eval_every": 4,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+            "warmup_steps": 2,
+            **train,
+        }
+    )
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def command(inputs: Path, out: Path, params: Path, launcher: list[str] | None = None) -> list[str]:
+    script = str(ROOT / "stages" / "pretrain.py")
+    args = [
+        "--params",
+        str(params),
+        "--tokens",
+        str(inputs / "tokens"),
+        "--retrieval",
+        str(inputs / "retrieval"),
+        "--out",
+        str(out / "model"),
+        "--metrics",
+        str(out / "metrics.json"),
+        "--live",
+        str(out / "live"),
+        "--scratch",
+        str(out / "scratch"),
+    ]
+    return [*(launcher or [sys.executable]), script, *args]
+
+
+def run(cmd, **kwargs):
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), **kwargs)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def losses(out: Path) -> list[float]:
+    with open(out / "live/plots/metrics/train/loss.tsv") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    model, _, meta, _ = load_decoder(out / "model")
+    assert meta["stage"] == "pretrain"
+    return model.state_dict()
+
+
+def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
+    run(command(inputs, tmp_path, params_file(tmp_path)))
+    _, vocab, meta, _ = load_decoder(tmp_path / "model")
+    assert meta["shape"]["n_layer"] == 2 and meta["shape"]["vocab_size"] == vocab.size
+    series = losses(tmp_path)
+    assert len(series) == 8 and series[-1] < series[0]
+    for name in (
+        "val/loss",
+        "val/text_loss",
+        "val/image_loss",
+        "val/query_loss",
+        "train/lr",
+        "train/tokens_per_second",
+    ):
+        assert (tmp_path / "live/plots/metrics" / f"{name}.tsv").is_file(), name
+
+
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(inputs, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for folder in (straight, killed):
+        folder.mkdir()
+    run(command(inputs, straight, params_file(straight, steps=12)))
+    params = params_file(killed, steps=12)
+    proc = subprocess.Popen(
+        command(inputs, killed, params),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    scratch = killed / "scratch"
+    while time.time() < deadline and not any(scratch.glob("*/step4")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model").exists()  # nothing exported by the killed run
+    run(command(inputs, killed, params))
+    resumed = (killed / "live/plots/metrics/resumed_from_step.tsv").read_text().split()
+    assert int(float(resumed[-1])) >= 4  # continued from a checkpoint, not from scratch
+    a, b = weights(straight), weights(killed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_run_key_changes_with_params_and_inputs(inputs, tmp_path):
+    base = PretrainConfig()
+    key = run_key(base, 1, inputs / "tokens", inputs / "retrieval")
+    assert key == run_key(base, 1, inputs / "tokens", inputs / "retrieval")
+    assert key != run_key(base, 2, inputs / "tokens", inputs / "retrieval")
+    changed = PretrainConfig(retrieval_k_max=1)
+    assert key != run_key(changed, 1, inputs / "tokens", inputs / "retrieval")
+    copy = tmp_path / "retrieval"
+    shutil.copytree(inputs / "retrieval", copy)
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text() + " ")
+    assert key != run_key(base, 1, inputs / "tokens", copy)
+
+
+def test_two_processes_match_one_at_the_same_global_batch(inputs, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    run(command(inputs, one, params_file(one, micro_batch_size=8, zero_stage=2)))
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29731",
+    ]
+    run(command(inputs, two, params_file(two, micro_batch_size=4, zero_stage=2), launcher))
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 8
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= 0.02 * abs(x), (a, b)
