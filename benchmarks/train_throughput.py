@@ -14,7 +14,7 @@ and reports each loop's MFU against this machine's measured matmul peak, the Dee
 over the plain loop and cm3leon's speed over GPT-2.
 
     python benchmarks/train_throughput.py [--preset default] [--batch 16] [--seq-len 256]
-    python benchmarks/train_throughput.py --zero-stage 0,1      # compare ZeRO stages on CPU
+    python benchmarks/train_throughput.py --zero-stage 1        # only the pipeline's stage
     python benchmarks/train_throughput.py --device cuda --bf16 --preset 350m --batch 8 \\
         --seq-len 2048 [--skip-hf]
 """
@@ -75,9 +75,9 @@ def gpt2_like(shape: TransformerShape, device: torch.device) -> torch.nn.Module:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False,  # cm3leon's head is untied: same matmul FLOPs
         bos_token_id=None,  # GPT-2's 50256 lies outside this vocabulary
-        eos_token_id=None,  # cm3leon's head is untied: same matmul FLOPs
+        eos_token_id=None,
         use_cache=False,
     )
     try:
@@ -192,9 +192,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU only): autocast / DS bf16")
     parser.add_argument(
         "--zero-stage",
-        default=str(TrainConfig().zero_stage),
+        default=f"{TrainConfig().zero_stage},0",
         help="DeepSpeed ZeRO stage(s), comma-separated; the first one gives the verdicts "
-        "(default: the pipeline's train.zero_stage)",
+        "(default: the pipeline's train.zero_stage, then stage 0 for comparison)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers loop")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop")
@@ -214,7 +214,7 @@ def main() -> None:
         parser.error("a GPU is visible: DeepSpeed would train on it; use --device cuda")
     if args.seconds is None:
         args.seconds = 10.0 if gpu else 20.0
-    stages = [int(s) for s in args.zero_stage.split(",")]
+    stages = list(dict.fromkeys(int(s) for s in args.zero_stage.split(",")))
 
     shape = TransformerShape.from_config(ModelConfig(preset=args.preset), args.vocab)
     if args.seq_len > shape.max_seq_len:
