@@ -132,6 +132,16 @@ def train(
     return engine.module
 
 
+def full_state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Every weight whole, fp32, on CPU. Under ZeRO-3 each rank holds only a shard of each
+    parameter, so they are gathered first — a collective: call it on every rank."""
+    import deepspeed
+
+    gathered = list(model.parameters()) if zero_stage == 3 else []
+    with deepspeed.zero.GatheredParameters(gathered, modifier_rank=None, enabled=bool(gathered)):
+        return {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[Batch], vocab: Vocab, device) -> dict[str, float]:
     """Weighted loss and perplexity overall, on text targets, image targets, query documents."""

@@ -30,7 +30,7 @@ from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.tokens import check_tokens, read_split
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import init_distributed
-from cm3leon.training.loop import LogCallback, train
+from cm3leon.training.loop import LogCallback, full_state_dict, train
 from cm3leon.training.sequences import (
     RetrievalAugmentedSequences,
     TokenDocument,
@@ -157,9 +157,10 @@ def pretrain(
         device,
         on_log,
     )
+    state = full_state_dict(trained, train_config.zero_stage)  # every rank: ZeRO-3 gathers
     if rank == 0:
         export_model(
-            trained,
+            state,
             shape,
             vocab,
             out_dir,
@@ -187,10 +188,9 @@ def _validation_batches(
 
 
 def export_model(
-    model: DecoderLM, shape: TransformerShape, vocab: Vocab, out_dir, extra: dict
+    state: dict[str, torch.Tensor], shape: TransformerShape, vocab: Vocab, out_dir, extra: dict
 ) -> str:
     """Write the model folder atomically; returns its fingerprint."""
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(out_dir) as tmp:
         fingerprint = save_model_folder(
             tmp, state, {"shape": shape.to_dict(), "vocab": vocab.to_dict(), **extra}
