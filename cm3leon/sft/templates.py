@@ -1,0 +1,108 @@
+"""Instruction templates for multi-task SFT (CM3Leon §4, adapted to ShapeWorld; issue 6).
+
+Every task has at least two phrasings. A template is a string in a tiny language:
+
+- plain text, with ``{field}`` placeholders filled from the example's text fields;
+- ``<break>``: the Vocab's break token;
+- ``<image:name>``: the example's image tokens ``name`` (64 VQ codes per image by default);
+- ``<output>``: where the part the model must produce begins (used to restrict the loss to the
+  output when asked; CM3Leon trains on the whole sequence by default).
+
+Text segments are stripped of surrounding spaces, so ``a <break> b`` tokenizes ``a`` and ``b``
+exactly as written. Captioning puts the image *before* the caption it conditions ("Describe
+the given picture. <break> image <break> caption"), so generation reads the image first.
+Templates live here, in one place; which phrasing a run uses is a per-task index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from cm3leon.tokenizers.document import DocumentCodec
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "text_to_image": (
+        "{caption} <break> <output> <image:image>",
+        "Generate an image of: {caption} <break> <output> <image:image>",
+    ),
+    "captioning": (
+        "Describe the given picture. <break> <image:image> <break> <output> {caption}",
+        "What is in this image? <break> <image:image> <break> <output> {caption}",
+    ),
+    "vqa": (
+        "<image:image> <break> Question: {question} Answer: <output> {answer}",
+        "<image:image> <break> Q: {question} A: <output> {answer}",
+    ),
+    "editing": (
+        "Edit first image following the instruction <break> <image:image> <break> {instruction}"
+        " <break> <output> <image:target>",
+        "Apply the edit to the picture <break> <image:image> <break> {instruction}"
+        " <break> <output> <image:target>",
+    ),
+    "grounding": (
+        "{prompt} <break> <output> <image:image>",
+        "Draw exactly these objects: {prompt} <break> <output> <image:image>",
+    ),
+    "segmentation": (
+        "<image:image> <break> {instruction} <break> <output> <image:mask>",
+        "<image:image> <break> Show the mask: {instruction} <break> <output> <image:mask>",
+    ),
+}
+TASKS = tuple(TEMPLATES)
+_TOKEN = re.compile(r"(<break>|<output>|<image:[a-z_]+>)")
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    ids: list[int]
+    weights: list[float]  # weight for predicting ids[j]
+    output_start: int  # index of the first output token
+
+
+def render(
+    task: str,
+    phrasing: int,
+    texts: Mapping[str, str],
+    images: Mapping[str, Sequence[int]],
+    codec: DocumentCodec,
+    loss_on_output_only: bool = False,
+) -> SFTExample:
+    """Render one example; ``images`` hold Vocab image ids, ``texts`` the template's fields."""
+    if task not in TEMPLATES:
+        raise ValueError(f"unknown SFT task {task!r}; known: {list(TASKS)}")
+    options = TEMPLATES[task]
+    if not 0 <= phrasing < len(options):
+        raise ValueError(f"task {task!r} has phrasings 0..{len(options) - 1}, not {phrasing}")
+    vocab = codec.vocab
+    ids: list[int] = []
+    output_start = None
+    for part in _TOKEN.split(options[phrasing]):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "<break>":
+            ids.append(vocab.brk)
+        elif part == "<output>":
+            output_start = len(ids)
+        elif part.startswith("<image:"):
+            name = part[len("<image:") : -1]
+            if name not in images:
+                raise ValueError(f"task {task!r} needs image {name!r}; got {sorted(images)}")
+            image = list(images[name])
+            if not all(vocab.is_image(t) for t in image):
+                raise ValueError(f"image {name!r} holds ids outside the Vocab's image range")
+            ids.extend(image)
+        else:
+            try:
+                ids.extend(codec.encode_text(part.format(**texts)))
+            except KeyError as err:
+                raise ValueError(
+                    f"task {task!r} needs text field {err}; got {sorted(texts)}"
+                ) from None
+    if output_start is None:  # a template bug, caught by the tests of every template
+        raise ValueError(f"template {task}/{phrasing} has no <output> marker")
+    ids.append(vocab.eos)
+    weights = [0.0 if loss_on_output_only and j < output_start else 1.0 for j in range(len(ids))]
+    return SFTExample(ids=ids, weights=weights, output_start=output_start)
