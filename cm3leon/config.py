@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -458,6 +458,38 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class SFTMixConfig:
+    """``sft.mixing``: relative sampling weight of each task (CM3Leon §4 up/down-sampling)."""
+
+    text_to_image: float = 1.0
+    captioning: float = 1.0
+    vqa: float = 1.0
+    editing: float = 1.0
+    grounding: float = 1.0
+    segmentation: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key, value in asdict(self).items():
+            _check(value >= 0, f"sft.mixing.{key}", "must be >= 0")
+        _check(sum(asdict(self).values()) > 0, "sft.mixing", "at least one weight must be > 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """``sft``: multi-task instruction tuning from the pretrained model (CM3Leon §4)."""
+
+    phrasing: int = 0  # which phrasing of every task's template (cm3leon/sft/templates.py)
+    loss_on_output_only: bool = False  # CM3Leon: loss on the whole sequence
+    mixing: SFTMixConfig = field(default_factory=SFTMixConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=400, lr=0.001, warmup_steps=20, eval_every=100)
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.phrasing >= 0, "sft.phrasing", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FlowConfig:
     """``flow``: how the Prefect flow runs each DVC stage."""
 
@@ -481,6 +513,7 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 

@@ -47,6 +47,16 @@ TINY_PARAMS = {
         "train": {"steps": 20, "batch_size": 32, "warmup_steps": 5, "log_every": 5},
         "eval_queries": 20,
     },
+    "sft": {
+        "train": {
+            "steps": 4,
+            "micro_batch_size": 4,
+            "log_every": 2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "checkpoint_every": 2,
+        },
+    },
     "pretrain": {
         "model": {"preset": "tiny"},
         "train": {

@@ -29,6 +29,10 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     pretrain_metrics = json.loads((root / "reports/pretrain/metrics.json").read_text())
     assert pretrain_metrics["val/loss"] > 0 and pretrain_metrics["parameters"] > 0
     assert (root / "models/pretrain/model.safetensors").is_file()
+    sft_metrics = json.loads((root / "reports/sft/metrics.json").read_text())
+    for task in ("text_to_image", "captioning", "vqa", "editing", "grounding", "segmentation"):
+        assert sft_metrics[f"val_{task}/loss"] > 0 and f"pretrain_val_{task}/loss" in sft_metrics
+    assert (root / "models/sft/model.safetensors").is_file()
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0

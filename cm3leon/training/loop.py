@@ -96,6 +96,10 @@ def train(
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         start = int(client_state["step"])
         _log(on_log, rank, start, {"resumed_from_step": float(start)})
+    if start >= config.steps:  # finished before: report the final validation again
+        for name, batches in validation.items():
+            metrics = evaluate(engine, batches, vocab, device)
+            _log(on_log, rank, start, {f"{name}/{k}": v for k, v in metrics.items()})
     tokens, window_start = 0, time.perf_counter()
     for step in range(start, config.steps):
         engine.train()

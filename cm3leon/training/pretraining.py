@@ -71,14 +71,13 @@ def load_neighbors(
     return [[row_of[n] for n in by_id[i]] for i in ids]
 
 
-def run_key(
-    config: PretrainConfig, seed: int, tokens_dir: str | Path, retrieval_dir: str | Path
-) -> str:
-    """Hash of everything that shapes a run: a checkpoint is resumed only under the same key."""
+def run_key(config: Any, seed: int, *inputs: str | Path) -> str:
+    """Hash of everything that shapes a run — the stage's config dataclass, the seed and the
+    contents of its input folders: a checkpoint is resumed only under the same key."""
     digest = hashlib.sha256(
         json.dumps({"config": asdict(config), "seed": seed}, sort_keys=True).encode()
     )
-    for folder in (Path(tokens_dir), Path(retrieval_dir)):
+    for folder in map(Path, inputs):
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(str(path.relative_to(folder)).encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())

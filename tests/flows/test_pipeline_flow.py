@@ -35,6 +35,7 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
         "tokenize",
         "index",
         "pretrain",
+        "sft",
         "downstream",
     ]
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
@@ -45,12 +46,12 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     state = flow_module.pipeline(project=str(root), return_state=True)
     assert state.is_completed()
     results = state.result()
-    assert list(results) == ["prepare", "validate", "tokenize", "index", "pretrain"]
+    assert list(results) == ["prepare", "validate", "tokenize", "index", "pretrain", "sft"]
     metrics = {row["metric"]: row["value"] for row in results["validate"]}
     assert metrics["success"] is True
     assert "dvc.lock" in {p.name for p in root.iterdir()}
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "validate", "tokenize", "index", "pretrain"}
+    assert set(lock["stages"]) == {"prepare", "validate", "tokenize", "index", "pretrain", "sft"}
 
 
 def test_flow_rejects_unknown_stage_names(make_project, flow_module):

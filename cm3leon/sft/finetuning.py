@@ -1,0 +1,170 @@
+"""Multi-task supervised fine-tuning from the pretrained model (the ``sft`` stage, CM3Leon §4).
+
+Examples come from the tokens artifact: text-to-image and captioning from the documents, VQA,
+editing, grounding and segmentation from the tokenized task tables, each rendered with its
+instruction template (:mod:`cm3leon.sft.templates`) and preceded by ``<bos>``. A task belongs
+to the split of the image it is about. Training samples draw a task by the mixing weights and
+then an example (:mod:`cm3leon.sft.mixing`), keyed by the global sample number, and go through
+the same DeepSpeed loop, resume and export as pretraining (:mod:`cm3leon.training.loop`).
+
+Validation reports loss per task on its val examples — before fine-tuning (the pretrained
+model, logged at step 0 as ``pretrain_val_<task>/…``) and during it (``val_<task>/…``);
+``query_loss`` there is the loss on the output part of each example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from cm3leon.config import SFTConfig
+from cm3leon.sft.mixing import mixture
+from cm3leon.sft.templates import TASKS, TEMPLATES, render
+from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.text import load_text_tokenizer
+from cm3leon.tokenizers.tokens import check_tokens, read_split, read_task_tokens
+from cm3leon.training.deepspeed_setup import init_distributed
+from cm3leon.training.loop import LogCallback, evaluate, full_state_dict, train
+from cm3leon.training.pretraining import export_model, load_decoder, run_key
+from cm3leon.training.sequences import TrainingSequence, collate
+
+
+def build_examples(
+    tokens_dir, codec: DocumentCodec, config: SFTConfig
+) -> dict[str, dict[str, list]]:
+    """``{split: {task: [TrainingSequence]}}`` for train and val."""
+    documents = {s: read_split(tokens_dir, s).to_pylist() for s in ("train", "val")}
+    split_of = {d["id"]: s for s, docs in documents.items() for d in docs}
+    image_of = {d["id"]: d["image_ids"] for docs in documents.values() for d in docs}
+    rows: dict[str, list[tuple[str, dict, dict]]] = {t: [] for t in TASKS}
+    for split, docs in documents.items():
+        for d in docs:
+            item = ({"caption": d["caption"]}, {"image": d["image_ids"]})
+            rows["text_to_image"].append((split, *item))
+            rows["captioning"].append((split, *item))
+    tables = {
+        "vqa": ("question", "answer", None),
+        "editing": ("instruction", None, "target_image_ids"),
+        "grounding": ("prompt", None, None),
+        "segmentation": ("instruction", None, "mask_image_ids"),
+    }
+    table_names = {
+        "vqa": "vqa",
+        "editing": "edits",
+        "grounding": "grounding",
+        "segmentation": "segmentation",
+    }
+    for task, (text_a, text_b, extra_image) in tables.items():
+        for r in read_task_tokens(tokens_dir, table_names[task]).to_pylist():
+            split = split_of.get(r["image_id"])
+            if split is None:
+                continue  # test-split images are kept for evaluation
+            texts = {text_a: r[text_a], **({text_b: r[text_b]} if text_b else {})}
+            images = {"image": image_of[r["image_id"]]}
+            if extra_image:
+                images["target" if task == "editing" else "mask"] = r[extra_image]
+            rows[task].append((split, texts, images))
+    phrasing = {t: min(config.phrasing, len(TEMPLATES[t]) - 1) for t in TASKS}
+    out: dict[str, dict[str, list]] = {
+        "train": {t: [] for t in TASKS},
+        "val": {t: [] for t in TASKS},
+    }
+    for task, items in rows.items():
+        for split, texts, images in items:
+            example = render(task, phrasing[task], texts, images, codec, config.loss_on_output_only)
+            out[split][task].append(
+                TrainingSequence(
+                    ids=[codec.vocab.bos, *example.ids],
+                    weights=[0.0, *example.weights],
+                    query_start=1 + example.output_start,
+                )
+            )
+    return out
+
+
+def finetune(
+    pretrain_dir: str | Path,
+    tokens_dir: str | Path,
+    text_dir: str | Path,
+    config: SFTConfig,
+    seed: int,
+    out_dir: str | Path,
+    scratch_root: str | Path,
+    on_log: LogCallback | None = None,
+) -> dict[str, Any]:
+    """Fine-tune and export; returns run facts. Call on every rank."""
+    rank, world, device = init_distributed()
+    model, vocab, meta, _ = load_decoder(pretrain_dir)
+    manifest = check_tokens(tokens_dir, vocab)
+    codec = DocumentCodec(vocab, load_text_tokenizer(text_dir), manifest["image_tokens"])
+    examples = build_examples(tokens_dir, codec, config)
+    longest = max(
+        len(s.ids) for split in examples.values() for seqs in split.values() for s in seqs
+    )
+    if longest > model.shape.max_seq_len:
+        raise ValueError(
+            f"an SFT example has {longest} tokens; the model's context is {model.shape.max_seq_len}"
+        )
+    train_config = config.train
+    mix = mixture(
+        {t: len(examples["train"][t]) for t in TASKS},
+        {t: getattr(config.mixing, t) for t in TASKS},
+    )
+
+    def batch_for(step: int, micro: int, rank: int, world: int):
+        first = (step * train_config.gradient_accumulation_steps + micro) * world + rank
+        first *= train_config.micro_batch_size
+        picks = [mix.sample(first + b, seed) for b in range(train_config.micro_batch_size)]
+        return collate([examples["train"][t][i] for t, i in picks], vocab.pad)
+
+    size = train_config.micro_batch_size
+    validation = {}
+    for task, seqs in examples["val"].items():
+        seqs = seqs[: train_config.eval_batches * size]
+        if seqs:
+            validation[f"val_{task}"] = [
+                collate(seqs[i : i + size], vocab.pad) for i in range(0, len(seqs), size)
+            ]
+    model = model.to(device)
+    if rank == 0 and on_log is not None:
+        for name, batches in validation.items():
+            metrics = evaluate(model, batches, vocab, device)
+            on_log(0, {f"pretrain_{name}/{k}": v for k, v in metrics.items()})
+    key = run_key(config, seed, tokens_dir, pretrain_dir)
+    trained = train(
+        model,
+        batch_for,
+        validation,
+        vocab,
+        train_config,
+        Path(scratch_root) / key,
+        rank,
+        world,
+        device,
+        on_log,
+    )
+    state = full_state_dict(trained, train_config.zero_stage)
+    if rank == 0:
+        export_model(
+            state,
+            model.shape,
+            vocab,
+            out_dir,
+            {
+                "stage": "sft",
+                "tokens_vocab_fingerprint": manifest["vocab_fingerprint"],
+                "tokens_vq_fingerprint": manifest["vq_fingerprint"],
+                "pretrain_run_key": meta.get("run_key"),
+                "sft_config": asdict(config),
+                "run_key": key,
+            },
+        )
+    if world > 1:
+        dist.barrier()
+    return {
+        "run_key": key,
+        "examples": {s: {t: len(v) for t, v in d.items()} for s, d in examples.items()},
+    }
