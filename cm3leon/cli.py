@@ -1,5 +1,6 @@
 """The ``cm3leon`` command line.
 
+``cm3leon generate | caption | ask | edit`` run the trained model (:mod:`cm3leon.cli_model`);
 ``cm3leon run`` and ``cm3leon schedule`` hand over to the Prefect flow in the project's
 ``flows/pipeline.py`` (the project is the nearest folder upwards holding ``dvc.yaml``), so the
 library never imports the orchestration layer (DESIGN.md §2).
@@ -11,6 +12,10 @@ import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+from cm3leon.cli_model import add_commands, run_command
+
+MODEL_COMMANDS = ("generate", "caption", "ask", "edit")
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -40,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     schedule = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule")
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
+    add_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        return run_command(args, find_project())
     if args.command == "run":
         extra = (["--stages", args.stages] if args.stages else []) + (
             ["--force"] if args.force else []

@@ -490,6 +490,81 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class DecodingConfig:
+    """``evaluate.decoding``: the strategy behind the headline numbers (CM3Leon §3).
+
+    ``strategy``: top_p | cd_k | greedy | mix (samples alternate top-p and CD-K, then the dual
+    encoder re-ranks them), for text-to-image and grounding; ``samples`` per prompt.
+    ``answer_strategy`` (one sample) serves tasks with a single right output: captioning, VQA,
+    editing and segmentation.
+    """
+
+    strategy: str = "mix"
+    cfg_weight: float = 3.0
+    temperature: float = 1.0
+    top_p: float = 0.9
+    cd_alpha: float = 0.1
+    cd_k: int = 5
+    samples: int = 4
+    answer_strategy: str = "greedy"
+
+    def __post_init__(self) -> None:
+        where = "evaluate.decoding"
+        known = ("top_p", "cd_k", "greedy", "mix")
+        _check(self.strategy in known, f"{where}.strategy", f"must be one of {known}")
+        _check(self.answer_strategy in known[:3], f"{where}.answer_strategy", f"in {known[:3]}")
+        _check(self.cfg_weight >= 0, f"{where}.cfg_weight", "must be >= 0")
+        _check(self.temperature > 0, f"{where}.temperature", "must be > 0")
+        _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
+        _check(0 <= self.cd_alpha <= 1, f"{where}.cd_alpha", "must be in [0, 1]")
+        _check(self.cd_k >= 1, f"{where}.cd_k", "must be >= 1")
+        _check(self.samples >= 1, f"{where}.samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class StudiesConfig:
+    """``evaluate.studies``: the paper's ablations in miniature, on ``prompts`` test prompts."""
+
+    prompts: int = 100
+    cfg_weights: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 7.0)
+    strategies: tuple[str, ...] = ("top_p", "cd_k", "mix")
+    samples: tuple[int, ...] = (1, 2, 4, 8)
+    retrieved: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        where = "evaluate.studies"
+        _check(self.prompts >= 1, f"{where}.prompts", "must be >= 1")
+        _check(all(w >= 0 for w in self.cfg_weights), f"{where}.cfg_weights", "must be >= 0")
+        known = ("top_p", "cd_k", "greedy", "mix")
+        _check(all(s in known for s in self.strategies), f"{where}.strategies", f"in {known}")
+        _check(all(n >= 1 for n in self.samples), f"{where}.samples", "must be >= 1")
+        _check(all(k >= 0 for k in self.retrieved), f"{where}.retrieved", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate``: test-split evaluation of the pretrain and SFT models (DESIGN.md §10)."""
+
+    prompts: int = 200  # test captions for text-to-image (all when larger)
+    task_examples: int = 200  # test examples per other task
+    retrieved: int = 2  # memory-bank documents prepended for the (RA-trained) pretrain model
+    sft_retrieved: int = 0  # ... for the SFT model (SFT trains without retrieved documents)
+    batch_size: int = 256  # rows (streams x samples) per generation batch
+    max_text_tokens: int = 48
+    phrasing: int = 0  # template phrasing used to prompt (as in sft.phrasing)
+    grid_examples: int = 8  # prompts shown in each sample grid
+    inception_weights: str | None = None  # local torchvision Inception-v3 state dict for FID
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    studies: StudiesConfig = field(default_factory=StudiesConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("prompts", "task_examples", "batch_size", "max_text_tokens", "grid_examples"):
+            _check(getattr(self, key) >= 1, f"evaluate.{key}", "must be >= 1")
+        for key in ("retrieved", "sft_retrieved", "phrasing"):
+            _check(getattr(self, key) >= 0, f"evaluate.{key}", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class FlowConfig:
     """``flow``: how the Prefect flow runs each DVC stage."""
 
@@ -514,6 +589,7 @@ class Params:
     index: IndexConfig = field(default_factory=IndexConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
 

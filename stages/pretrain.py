@@ -7,9 +7,14 @@ Reads the tokens (`--tokens`) and the memory bank's neighbor table (`--retrieval
 
     torchrun --nproc_per_node 2 stages/pretrain.py <same arguments>
     deepspeed --hostfile hosts stages/pretrain.py <same arguments>
+
+`--no-retrieval` trains the baseline of the retrieval study: the same params with
+`retrieval_k_max` forced to 0 (stage `pretrain_no_retrieval`; equal steps and query documents,
+fewer tokens per step).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -25,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     for name in ("tokens", "retrieval", "out", "metrics", "live", "scratch"):
         parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--no-retrieval", action="store_true", help="train without neighbors")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -45,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = load_params(args.params)
+        config = params.pretrain
+        if args.no_retrieval:
+            config = dataclasses.replace(config, retrieval_k_max=0)
         facts = pretrain(
             args.tokens,
             args.retrieval,
-            params.pretrain,
+            config,
             params.base.seed,
             args.out,
             args.scratch,

@@ -68,6 +68,20 @@ TINY_PARAMS = {
             "checkpoint_every": 2,
         },
     },
+    "evaluate": {
+        "prompts": 6,
+        "task_examples": 6,
+        "batch_size": 64,
+        "grid_examples": 3,
+        "decoding": {"samples": 2},
+        "studies": {
+            "prompts": 4,
+            "cfg_weights": [1.0, 3.0],
+            "strategies": ["top_p", "mix"],
+            "samples": [1, 2],
+            "retrieved": [0, 1],
+        },
+    },
     "flow": {"retries": 0, "retry_delay_seconds": 0},
 }
 

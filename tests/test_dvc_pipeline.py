@@ -1,12 +1,17 @@
 """End to end through real DVC: the DAG runs, reruns are no-ops, same seed gives the same
 corpus hashes in dvc.lock, and a corrupted corpus fails `validate` and stops the DAG."""
 
+import csv
 import json
+import sys
 import time
 
 import yaml
+from PIL import Image
 
-from conftest import add_downstream_stage, corrupt_corpus, dvc
+from conftest import add_downstream_stage, corrupt_corpus, dvc, run
+
+CLI = [sys.executable, "-m", "cm3leon.cli"]
 
 
 def lock_outs(root, stage):
@@ -33,6 +38,8 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     for task in ("text_to_image", "captioning", "vqa", "editing", "grounding", "segmentation"):
         assert sft_metrics[f"val_{task}/loss"] > 0 and f"pretrain_val_{task}/loss" in sft_metrics
     assert (root / "models/sft/model.safetensors").is_file()
+    check_evaluate_outputs(root)
+    check_model_commands(root)
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
@@ -42,6 +49,78 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout
     assert elapsed < 30  # generous bound for a loaded CI machine; the README quotes measured time
+
+
+def check_evaluate_outputs(root):
+    """The evaluate stage's folder: metrics per model and task, study tables, files."""
+    metrics = json.loads((root / "reports/eval_metrics.json").read_text())
+    for model in ("pretrain", "sft"):
+        tasks = metrics[model]
+        assert set(tasks) == {
+            "text_to_image",
+            "captioning",
+            "vqa",
+            "editing",
+            "grounding",
+            "segmentation",
+        }
+        assert 0 <= tasks["text_to_image"]["accuracy"] <= 1
+        assert tasks["text_to_image"]["examples"] == 6
+        assert "fid_dual_encoder" in tasks["text_to_image"]
+        assert {"cider_d", "bleu_4", "attribute_exact_match"} <= set(tasks["captioning"])
+        assert 0 <= tasks["segmentation"]["mean_iou"] <= 1
+    assert "text_to_image" in metrics["pretrain_no_retrieval"]
+    eval_dir = root / "reports/eval"
+    cfg_rows = list(csv.DictReader((eval_dir / "tables/cfg_weight.csv").open()))
+    assert [(r["strategy"], float(r["cfg_weight"])) for r in cfg_rows] == [
+        ("top_p", 1.0),
+        ("top_p", 3.0),
+        ("mix", 1.0),
+        ("mix", 3.0),
+    ]
+    samples = list(csv.DictReader((eval_dir / "tables/samples.csv").open()))
+    assert [int(r["samples"]) for r in samples] == [1, 2]
+    retrieved = json.loads((eval_dir / "tables/retrieved_docs.json").read_text())
+    assert [r["retrieved"] for r in retrieved] == [0, 1] and retrieved[1]["mean_retrieved"] > 0
+    for name in ("pretrain_vs_sft", "ra_vs_no_retrieval"):
+        assert (eval_dir / "tables" / f"{name}.csv").is_file()
+        assert (eval_dir / "plots" / f"{name}.png").is_file()
+    manifest = json.loads(
+        (eval_dir / "generations/pretrain/text_to_image/manifest.json").read_text()
+    )
+    assert len(manifest) == 6
+    assert all(
+        (eval_dir / "generations/pretrain/text_to_image" / m["file"]).is_file() for m in manifest
+    )
+    assert all(len(m["retrieved"]) >= 1 for m in manifest)  # pretrain generates with retrieval
+    captions = json.loads((eval_dir / "predictions/sft_captions.json").read_text())
+    assert len(captions) == 6 and set(captions[0]) == {"image_id", "caption"}  # COCO results
+    assert (eval_dir / "samples/sft_text_to_image.png").is_file()
+
+
+def check_model_commands(root):
+    """`cm3leon generate/caption/ask/edit` on the trained tiny model."""
+    out = root / "generated.png"
+    done = run(
+        [*CLI, "generate", "a small red square at the top left", "-o", str(out), "--samples", "2"],
+        cwd=root,
+    )
+    assert out.is_file() and "retrieved from the memory bank:" in done.stdout
+    sidecar = json.loads((root / "generated.png.json").read_text())
+    assert len(sidecar["retrieved"]) == 2 and sidecar["model_fingerprint"]
+    big = root / "big.jpg"  # any size and mode is converted
+    Image.new("L", (97, 55), 200).save(big)
+    for args in (["caption", str(big)], ["ask", str(out), "what color is it?"]):
+        done = run([*CLI, *args, "--json"], cwd=root)
+        assert isinstance(json.loads(done.stdout)["output"], str)
+    edited = root / "edited.png"
+    run([*CLI, "edit", str(big), "make it blue", "-o", str(edited), "--retrieved", "0"], cwd=root)
+    assert edited.is_file()
+    broken = root / "broken.png"
+    broken.write_bytes(b"not an image")
+    failed = run([*CLI, "caption", str(broken)], cwd=root, check=False)
+    assert failed.returncode != 0
+    assert "broken.png: cannot decode image" in failed.stderr
 
 
 def test_same_seed_gives_identical_corpus_hashes(make_project):

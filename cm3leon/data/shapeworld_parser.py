@@ -18,13 +18,20 @@ threshold-and-fill-ratio rules break.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
 
-from cm3leon.data.shapeworld import COLORS, Scene, ShapeObject, object_alpha
+from cm3leon.data.shapeworld import (
+    COLORS,
+    GRID_POSITION_NAMES,
+    Scene,
+    ShapeObject,
+    object_alpha,
+)
 
 # Minimum distance (RGB units) from the background for a cell to hold any object at all.
 MIN_OBJECT_CONTRAST = 60.0
@@ -182,3 +189,41 @@ def agreement_summary(agreements: Sequence[SceneAgreement]) -> dict[str, float]:
         n = sum(a.per_attribute[name][1] for a in agreements)
         summary[f"{name}_accuracy"] = c / max(n, 1)
     return summary
+
+
+def parse_caption(
+    text: str,
+    grid_size: int,
+    shapes: Sequence[str],
+    colors: Sequence[str],
+    sizes: Sequence[str],
+) -> list[ParsedObject]:
+    """Objects a caption states, in any of the generator's caption templates.
+
+    Reads every ``size color shape at the position`` and ``position: size color shape`` phrase;
+    an object phrase without a position is kept at cell ``(-1, -1)`` so it can never match. Text
+    that names no object gives ``[]``. Judges generated captions by their attributes.
+    """
+    positions = {
+        name: (r, c)
+        for r, row in enumerate(GRID_POSITION_NAMES[grid_size])
+        for c, name in enumerate(row)
+    }
+    alt = lambda names: "|".join(sorted(map(re.escape, names), key=len, reverse=True))  # noqa: E731
+    obj = rf"(?P<size>{alt(sizes)}) (?P<color>{alt(colors)}) (?P<shape>{alt(shapes)})"
+    where = rf"(?P<pos>{alt(positions)})"
+    found: list[ParsedObject] = []
+    lowered = text.lower()
+    for pattern in (rf"{obj} at the {where}\b", rf"\b{where}: {obj}"):
+        for m in re.finditer(pattern, lowered):
+            row, col = positions[m["pos"]]
+            found.append(ParsedObject(m["shape"], m["color"], m["size"], row, col))
+    if not found:  # object phrases without a readable position
+        for m in re.finditer(obj, lowered):
+            found.append(ParsedObject(m["shape"], m["color"], m["size"], -1, -1))
+    return sorted(found, key=lambda o: (o.row, o.col))
+
+
+def same_objects(truth: Sequence[ParsedObject], parsed: Sequence[ParsedObject]) -> bool:
+    """Exactly the same objects (every attribute of every object), order ignored."""
+    return sorted(map(_key, truth)) == sorted(map(_key, parsed))

@@ -14,8 +14,13 @@ The paper's choices, all on by default and not switchable (STYLE.md §10):
 The output head is a separate matrix, *untied* from the token embedding.
 
 Generation uses a preallocated :class:`KVCache`: ``model(ids, kv_cache=cache)`` feeds new tokens
-that attend to the cached keys/values and to each other (causally), continue the positions from
-``cache.length`` and append their keys/values to the cache in place.
+that attend to the cached keys/values and to each other (causally), continue each row's positions
+and append their keys/values to the cache in place.
+
+Prompts of different lengths share a batch by *left padding*: ``pad_mask`` (``True`` = real
+token) keeps padded keys out of attention and gives every row positions ``0, 1, ...`` from its
+first real token, so a padded row computes exactly what it computes alone. The cache remembers
+which of its slots are padding and each row's next position.
 
 A model is rebuilt from its :class:`TransformerShape` (``to_dict``/``from_dict``), which every
 checkpoint stores beside the weights (STYLE.md §6).
@@ -89,12 +94,31 @@ class KVCache:
     ``[length, length + T)`` and then calls :meth:`advance`.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], length: int = 0):
+    def __init__(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        length: int = 0,
+        valid: torch.Tensor | None = None,
+        next_position: torch.Tensor | None = None,
+    ):
         if len(keys) != len(values) or not keys:
             raise ValueError("KVCache needs one key and one value tensor per layer")
         self.keys = keys  # n_layer x (B, n_head, max_len, head_dim)
         self.values = values  # n_layer x (B, n_head, max_len, head_dim)
         self.length = length
+        B, _, max_len, _ = keys[0].shape
+        device = keys[0].device
+        # (B, max_len) True where a filled slot holds a real token (not left padding)
+        self.valid = (
+            torch.ones(B, max_len, dtype=torch.bool, device=device) if valid is None else valid
+        )
+        # (B,) the position the next real token of each row gets
+        self.next_position = (
+            torch.full((B,), length, dtype=torch.long, device=device)
+            if next_position is None
+            else next_position
+        )
 
     @property
     def batch_size(self) -> int:
@@ -125,11 +149,17 @@ class KVCache:
             [k.index_select(0, index) for k in self.keys],
             [v.index_select(0, index) for v in self.values],
             self.length,
+            self.valid.index_select(0, index),
+            self.next_position.index_select(0, index),
         )
 
     def clone(self) -> KVCache:
         return KVCache(
-            [k.clone() for k in self.keys], [v.clone() for v in self.values], self.length
+            [k.clone() for k in self.keys],
+            [v.clone() for v in self.values],
+            self.length,
+            self.valid.clone(),
+            self.next_position.clone(),
         )
 
 
@@ -142,8 +172,14 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``attn_mask`` (B, 1, T, past + T), True = attend, replaces the causal rule when
+        rows are padded (built once per forward by :class:`DecoderLM`)."""
         B, T, D = x.shape
         q, k, v = self.qkv_proj(x).split(D, dim=-1)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -153,7 +189,9 @@ class CausalSelfAttention(nn.Module):
             # (B, n_head, past + T, head_dim); cast back in case the cache's dtype differs
             # from the activations' (e.g. an fp32 cache under bf16 autocast).
             k, v = (t.to(q.dtype) for t in kv_cache.write(layer, k, v))
-        if past == 0:
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        elif past == 0:
             # Queries and keys are aligned: the plain causal mask is right.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:
@@ -189,8 +227,14 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(shape.d_model, elementwise_affine=False)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv_cache, layer)
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None,
+        layer: int,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -218,9 +262,15 @@ class DecoderLM(nn.Module):
             nn.init.zeros_(block.attn.out_proj.weight)
             nn.init.zeros_(block.mlp.down_proj.weight)
 
-    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with a cache, ``ids`` continue
-        the cached sequence and the cache is extended in place."""
+        the cached sequence and the cache is extended in place. ``pad_mask`` (B, T), True for
+        real tokens, marks left padding (logits at padded positions are meaningless)."""
         B, T = ids.shape
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > self.shape.max_seq_len:
@@ -236,11 +286,36 @@ class DecoderLM(nn.Module):
                     f"KV cache of max_len {kv_cache.max_len} cannot hold {past + T} tokens; "
                     "create it with a larger max_len"
                 )
-        positions = torch.arange(past, past + T, device=ids.device)  # (T,)
+        padded = pad_mask is not None and not bool(pad_mask.all())
+        if kv_cache is not None:
+            padded = padded or not bool(kv_cache.valid[:, :past].all())
+        attn_mask = None
+        if padded:
+            real = torch.ones_like(ids, dtype=torch.bool) if pad_mask is None else pad_mask
+            start = (
+                torch.zeros(B, dtype=torch.long, device=ids.device)
+                if kv_cache is None
+                else kv_cache.next_position
+            )
+            # each row counts positions from its own first real token; pads reuse a neighbour's
+            positions = (start[:, None] + real.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+            keys_real = real if kv_cache is None else torch.cat([kv_cache.valid[:, :past], real], 1)
+            query_pos = torch.arange(past, past + T, device=ids.device)[:, None]  # (T, 1)
+            key_pos = torch.arange(past + T, device=ids.device)[None, :]  # (1, past + T)
+            causal = key_pos <= query_pos  # (T, past + T)
+            # (B, 1, T, past + T); a query always sees itself so padded rows never go all-False
+            attn_mask = (causal & keys_real[:, None, None, :]) | (key_pos == query_pos)
+        else:
+            positions = torch.arange(past, past + T, device=ids.device)[None, :]  # (1, T)
+            if kv_cache is not None:
+                positions = kv_cache.next_position[:, None] + torch.arange(T, device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, D)
         for layer, block in enumerate(self.blocks):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, attn_mask)
         if kv_cache is not None:
+            real = torch.ones_like(ids, dtype=torch.bool) if pad_mask is None else pad_mask
+            kv_cache.valid[:, past : past + T] = real
+            kv_cache.next_position = kv_cache.next_position + real.long().sum(1)
             kv_cache.advance(T)
         return self.head(self.final_norm(x))  # (B, T, V)
 

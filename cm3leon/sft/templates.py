@@ -70,6 +70,38 @@ def render(
     loss_on_output_only: bool = False,
 ) -> SFTExample:
     """Render one example; ``images`` hold Vocab image ids, ``texts`` the template's fields."""
+    ids, output_start = _render(task, phrasing, texts, images, codec, prompt_only=False)
+    ids.append(codec.vocab.eos)
+    weights = [0.0 if loss_on_output_only and j < output_start else 1.0 for j in range(len(ids))]
+    return SFTExample(ids=ids, weights=weights, output_start=output_start)
+
+
+def render_prompt(
+    task: str,
+    phrasing: int,
+    texts: Mapping[str, str],
+    images: Mapping[str, Sequence[int]],
+    codec: DocumentCodec,
+    mask_text: bool = False,
+) -> list[int]:
+    """The template up to its ``<output>`` marker: what a model is given to do the task.
+
+    With ``mask_text`` every text segment holding a ``{field}`` becomes one CM3 mask token
+    ``<mask:0>`` — the unconditional stream of classifier-free guidance (CM3Leon §3.1).
+    """
+    ids, _ = _render(task, phrasing, texts, images, codec, prompt_only=True, mask_text=mask_text)
+    return ids
+
+
+def _render(
+    task: str,
+    phrasing: int,
+    texts: Mapping[str, str],
+    images: Mapping[str, Sequence[int]],
+    codec: DocumentCodec,
+    prompt_only: bool,
+    mask_text: bool = False,
+) -> tuple[list[int], int]:
     if task not in TEMPLATES:
         raise ValueError(f"unknown SFT task {task!r}; known: {list(TASKS)}")
     options = TEMPLATES[task]
@@ -86,6 +118,8 @@ def render(
             ids.append(vocab.brk)
         elif part == "<output>":
             output_start = len(ids)
+            if prompt_only:
+                break
         elif part.startswith("<image:"):
             name = part[len("<image:") : -1]
             if name not in images:
@@ -94,6 +128,8 @@ def render(
             if not all(vocab.is_image(t) for t in image):
                 raise ValueError(f"image {name!r} holds ids outside the Vocab's image range")
             ids.extend(image)
+        elif mask_text and "{" in part:
+            ids.append(vocab.sentinel(0))
         else:
             try:
                 ids.extend(codec.encode_text(part.format(**texts)))
@@ -103,6 +139,4 @@ def render(
                 ) from None
     if output_start is None:  # a template bug, caught by the tests of every template
         raise ValueError(f"template {task}/{phrasing} has no <output> marker")
-    ids.append(vocab.eos)
-    weights = [0.0 if loss_on_output_only and j < output_start else 1.0 for j in range(len(ids))]
-    return SFTExample(ids=ids, weights=weights, output_start=output_start)
+    return ids, output_start

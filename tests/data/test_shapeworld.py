@@ -23,6 +23,8 @@ from cm3leon.data.shapeworld_parser import (
     ShapeWorldParser,
     agreement_summary,
     compare_scene,
+    parse_caption,
+    same_objects,
     truth_objects,
 )
 
@@ -172,3 +174,25 @@ def test_parser_rejects_a_wrong_image_size():
 def test_empty_image_parses_to_nothing():
     parser = ShapeWorldParser.from_config(CONFIG, 32)
     assert parser.parse(np.zeros((32, 32, 3), dtype=np.uint8)) == []
+
+
+def test_caption_parser_reads_every_template_and_judges_exactly():
+    config = ShapeWorldConfig()
+    scene = (
+        ShapeObject("square", "red", "small", 0, 0, dx=1),
+        ShapeObject("triangle", "cyan", "large", 1, 2),
+    )
+    truth = truth_objects(scene)
+    args = (config.grid_size, config.shapes, config.colors, config.sizes)
+    for caption in caption_scene(scene, config.grid_size):
+        assert same_objects(truth, parse_caption(caption, *args)), caption
+    assert same_objects(
+        truth, parse_caption("TOP LEFT: small red square, right: large cyan triangle", *args)
+    )
+    wrong = "a small red square at the top left and a large cyan circle at the right"
+    assert not same_objects(truth, parse_caption(wrong, *args))
+    missing = "a small red square at the top left"
+    assert not same_objects(truth, parse_caption(missing, *args))
+    no_position = parse_caption("a small red square", *args)
+    assert [(o.row, o.col) for o in no_position] == [(-1, -1)]
+    assert parse_caption("nothing to see", *args) == []

@@ -1,6 +1,7 @@
 """The index stage's library call end to end on a tiny corpus."""
 
 import hashlib
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -19,8 +20,9 @@ from cm3leon.config import (
 )
 from cm3leon.data.prepare import prepare_corpus
 from cm3leon.retrieval.dual_encoder import load_dual_encoder
-from cm3leon.retrieval.faiss_index import load_index, search
+from cm3leon.retrieval.faiss_index import MemoryBankError, load_index, search
 from cm3leon.retrieval.memory_bank import build_memory_bank, load_split
+from cm3leon.retrieval.search import MemoryBank, context_ids
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 from cm3leon.tokenizers.vocab import Vocab
 
@@ -126,3 +128,34 @@ def test_retriever_checkpoint_must_fit_the_tokens(built, tmp_path):
         build_memory_bank(
             root / "corpus", root / "tokens", other, config, 2, tmp_path / "r", tmp_path / "b"
         )
+
+
+def test_generation_time_retrieval_follows_the_policy_with_provenance(built):
+    root, _, _ = built
+    bank = MemoryBank.load(root / "retriever", root / "retrieval", root / "tokens")
+    vocab = Vocab.load(root / "tokens")
+    docs = load_split(root / "corpus", root / "tokens", vocab, "test")
+    captions = [vocab.text_to_vocab(c) for c in docs.captions[:4]]
+    for k in (1, 2):
+        results = bank.retrieve_text(captions, k)
+        assert len(results) == 4
+        for found in results:
+            assert 1 <= len(found) <= k
+            assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)
+            assert all(d.score <= INDEX.policy.relevance_threshold + 1e-6 for d in found)
+            for d in found:
+                assert d.id in bank.documents and d.provenance()["caption"] == d.caption
+                assert vocab.brk in d.ids and vocab.is_image(d.ids[-1])
+    assert bank.retrieve_image(docs.images[:3], 0) == [[], [], []]
+    by_image = bank.retrieve_image(docs.images[:3], 2)
+    assert all(len(found) >= 1 for found in by_image)
+    assert context_ids(by_image[0], vocab.eos).count(vocab.eos) == len(by_image[0])
+
+
+def test_memory_bank_refuses_tokens_of_another_vocab(built, tmp_path):
+    root, _, _ = built
+    other = tmp_path / "tokens"
+    shutil.copytree(root / "tokens", other)
+    Vocab(text_size=301, image_size=32).save(other)
+    with pytest.raises(MemoryBankError, match="rerun the index stage"):
+        MemoryBank.load(root / "retriever", root / "retrieval", other)

@@ -3,7 +3,7 @@
 import pytest
 
 from cm3leon.sft.mixing import mixture
-from cm3leon.sft.templates import TASKS, TEMPLATES, render
+from cm3leon.sft.templates import TASKS, TEMPLATES, render, render_prompt
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import train_text_tokenizer
 from cm3leon.tokenizers.vocab import Vocab
@@ -130,3 +130,19 @@ def test_mixing_proportions_follow_the_weights():
         mixture({"vqa": 1}, {"poetry": 1.0})
     with pytest.raises(ValueError, match="no task has"):
         mixture({"vqa": 0}, {"vqa": 1.0})
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_prompt_is_the_example_up_to_its_output(task):
+    example = render(task, 0, TEXTS, IMAGES, CODEC)
+    assert render_prompt(task, 0, TEXTS, IMAGES, CODEC) == example.ids[: example.output_start]
+
+
+def test_unconditional_prompt_masks_text_fields_only():
+    uncond = render_prompt("editing", 0, TEXTS, IMAGES, CODEC, mask_text=True)
+    head = text("Edit first image following the instruction")
+    assert uncond == [*head, B, *IMAGE, B, VOCAB.sentinel(0), B]
+    assert render_prompt("text_to_image", 0, TEXTS, IMAGES, CODEC, mask_text=True) == [
+        VOCAB.sentinel(0),
+        B,
+    ]

@@ -1,0 +1,278 @@
+"""The trained model as a tool: text-to-image, captioning, VQA, editing, grounding, segmentation.
+
+:class:`MultimodalModel` bundles an exported transformer (``models/pretrain`` or ``models/sft``)
+with the VQ tokenizer, the text tokenizer and optionally the memory bank, and turns task inputs
+into prompts, prompts into generations (:func:`~cm3leon.decoding.generation.generate`) and
+generations back into images or text.
+
+Prompts (CM3Leon §3-4):
+
+- every task uses its SFT instruction template (:mod:`cm3leon.sft.templates`) up to the output;
+  for text-to-image and grounding that is exactly the pretraining document format
+  ``caption <break>`` followed by the image;
+- captioning with the *pretrain* model, never taught the instruction, is CM3 infilling: the
+  caption is replaced by ``<mask:0>`` and the model writes ``<mask:0> caption <eos_span>``;
+- with ``retrieved > 0`` the prompt is prefixed by that many memory-bank documents, each
+  followed by ``<eos>``, retrieved for the prompt text (text-to-image, grounding) or the input
+  image (other tasks); their ids, captions and scores are returned as provenance;
+- the unconditional stream of CFG / CD-K is the same prompt with each text field replaced by
+  the CM3 mask token ``<mask:0>``. The bare ``<mask>`` special is never seen in training, so the
+  sentinel that the causal-masked objective trains on is the mask that carries meaning.
+
+``samples`` per input are drawn with the given strategies (one per sample, so a list mixes
+them); image samples of text-conditioned tasks are re-ranked by the dual encoder's text-image
+similarity to the prompt (CLIP re-ranking, CM3Leon §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cm3leon.decoding.generation import GenerationRequest, generate
+from cm3leon.decoding.processors import ModalityConstraint
+from cm3leon.decoding.selector import Strategy
+from cm3leon.retrieval.dual_encoder import DualEncoder
+from cm3leon.retrieval.search import MemoryBank, RetrievedDocument, context_ids
+from cm3leon.sft.templates import TEMPLATES, render_prompt
+from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.text import load_text_tokenizer
+from cm3leon.tokenizers.tokens import read_tokens_manifest
+from cm3leon.tokenizers.vq_training import decode_codes, encode_images, load_vq
+from cm3leon.training.pretraining import load_decoder
+
+IMAGE_OUTPUT = {"text_to_image": "image", "grounding": "image", "editing": "target"}
+IMAGE_OUTPUT["segmentation"] = "mask"
+TEXT_OUTPUT = {"captioning": "caption", "vqa": "answer"}
+TEXT_QUERY = {"text_to_image": "caption", "grounding": "prompt"}  # retrieval/re-rank by text
+
+
+@dataclass
+class TaskInput:
+    """One input: the template's text fields and images (Vocab image ids), and for retrieval by
+    image the input picture as ``(H, W, 3)`` uint8."""
+
+    texts: Mapping[str, str] = field(default_factory=dict)
+    images: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    pixels: np.ndarray | None = None
+
+
+@dataclass
+class Generation:
+    task: str
+    samples: list[list[int]]  # generated Vocab ids of each sample
+    strategies: list[str]
+    best: int  # the sample chosen (re-ranked for text-conditioned images, else 0)
+    rerank_scores: list[float]
+    retrieved: list[RetrievedDocument]
+    text: str | None = None  # decoded best sample, text tasks
+    codes: list[int] | None = None  # VQ codes of the best sample, image tasks
+    sample_codes: list[list[int]] = field(default_factory=list)
+
+
+class MultimodalModel:
+    def __init__(
+        self,
+        model,
+        codec: DocumentCodec,
+        vq,
+        kind: str,
+        bank: MemoryBank | None = None,
+        phrasing: int = 0,
+        batch_size: int = 256,
+        max_text_tokens: int = 48,
+    ) -> None:
+        self.model, self.codec, self.vq, self.kind, self.bank = model, codec, vq, kind, bank
+        self.fingerprint: str | None = None  # the model folder's, set by load()
+        self.vocab = codec.vocab
+        self.phrasing, self.batch_size, self.max_text_tokens = phrasing, batch_size, max_text_tokens
+        self.image_size = int(
+            decode_codes(vq, np.zeros((1, codec.image_tokens), np.int64)).shape[1]
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        vq_dir: str | Path,
+        text_dir: str | Path,
+        tokens_dir: str | Path,
+        retriever_dir: str | Path | None = None,
+        retrieval_dir: str | Path | None = None,
+        **kwargs,
+    ) -> MultimodalModel:
+        model, vocab, meta, fingerprint = load_decoder(model_dir)
+        vq, vq_fingerprint = load_vq(vq_dir)
+        manifest = read_tokens_manifest(tokens_dir)
+        if meta.get("tokens_vq_fingerprint") not in (None, vq_fingerprint):
+            raise ValueError(
+                f"{model_dir} was trained on images coded by VQ {meta['tokens_vq_fingerprint']} "
+                f"but {vq_dir} is {vq_fingerprint}: its image ids would mean other pictures"
+            )
+        codec = DocumentCodec(vocab, load_text_tokenizer(text_dir), manifest["image_tokens"])
+        bank = None
+        if retriever_dir is not None and retrieval_dir is not None:
+            bank = MemoryBank.load(retriever_dir, retrieval_dir, tokens_dir)
+        loaded = cls(model, codec, vq, meta.get("stage", "pretrain"), bank, **kwargs)
+        loaded.fingerprint = fingerprint
+        return loaded
+
+    @property
+    def retriever(self) -> DualEncoder | None:
+        return None if self.bank is None else self.bank.retriever
+
+    # --- images <-> ids -------------------------------------------------------------------------
+    def encode_pixels(self, images: np.ndarray) -> list[list[int]]:
+        """``(N, H, W, 3)`` uint8 at the tokenizer's size -> Vocab image ids."""
+        codes = encode_images(self.vq, images, self.batch_size, desc="vq encode")
+        return [self.vocab.image_to_vocab(c.tolist()) for c in codes]
+
+    def decode_ids(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Vocab image ids -> ``(N, H, W, 3)`` uint8."""
+        if not ids:
+            return np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        codes = np.asarray([self.vocab.vocab_to_image(i) for i in ids], dtype=np.int64)
+        return decode_codes(self.vq, codes, self.batch_size)
+
+    # --- prompts --------------------------------------------------------------------------------
+    def prompts(
+        self, task: str, item: TaskInput, context: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """``(conditional, unconditional)`` prompt ids for one input."""
+        vocab = self.vocab
+        if task == "captioning" and self.kind == "pretrain":
+            image = list(item.images["image"])
+            cond = [vocab.bos, *context, vocab.sentinel(0), vocab.brk, *image, vocab.sentinel(0)]
+            return cond, cond
+        phrasing = min(self.phrasing, len(TEMPLATES[task]) - 1)
+        args = (task, phrasing, item.texts, item.images, self.codec)
+        cond = [vocab.bos, *context, *render_prompt(*args)]
+        uncond = [vocab.bos, *context, *render_prompt(*args, mask_text=True)]
+        return cond, uncond
+
+    def constraint(self, task: str) -> tuple[ModalityConstraint, int]:
+        vocab, grid = self.vocab, self.codec.image_tokens
+        if task in IMAGE_OUTPUT:
+            return ModalityConstraint(vocab, grid, "image", (vocab.eos,)), grid + 1
+        if task not in TEXT_OUTPUT:
+            raise ValueError(f"unknown task {task!r}; known: {[*IMAGE_OUTPUT, *TEXT_OUTPUT]}")
+        stop = vocab.eos_span if (task == "captioning" and self.kind == "pretrain") else vocab.eos
+        return ModalityConstraint(vocab, grid, "text", (stop,)), self.max_text_tokens
+
+    # --- the task runner ------------------------------------------------------------------------
+    def run(
+        self,
+        task: str,
+        items: Sequence[TaskInput],
+        strategies: Sequence[Strategy],
+        retrieved: int = 0,
+        seed: int = 0,
+        rerank: bool = True,
+    ) -> list[Generation]:
+        """Generate ``len(strategies)`` samples for every input (sample ``s`` uses strategy
+        ``s``); returns one :class:`Generation` per input."""
+        if not strategies:
+            raise ValueError("need at least one strategy (one per sample)")
+        documents = self._retrieve(task, items, retrieved)
+        constraint, max_new = self.constraint(task)
+        requests = []
+        for item, docs in zip(items, documents, strict=True):
+            cond, uncond = self.prompts(task, item, context_ids(docs, self.vocab.eos))
+            requests += [GenerationRequest(cond, s, uncond) for s in strategies]
+        outputs: list[list[int]] = []
+        self.model.eval()
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            outputs += generate(self.model, self.vocab, chunk, constraint, max_new, seed + start)
+        n = len(strategies)
+        results = []
+        for i, docs in enumerate(documents):
+            samples = outputs[i * n : (i + 1) * n]
+            results.append(Generation(task, samples, [s.name for s in strategies], 0, [], docs))
+        if task in IMAGE_OUTPUT:
+            self._finish_images(task, items, results, rerank)
+        else:
+            for r in results:
+                r.text = self.codec.decode_text(r.samples[r.best]).strip()
+        return results
+
+    def infill(
+        self,
+        document: Sequence[int],
+        span: tuple[int, int],
+        strategy: Strategy,
+        context: Sequence[int] = (),
+        seed: int = 0,
+    ) -> list[int]:
+        """Regenerate ``document[start:end]`` with both sides in view (CM3 infilling).
+
+        ``document`` is ``caption <break> image`` in Vocab ids; the span must lie inside the
+        caption or inside the image. The prompt is ``<bos> context doc[:start] <mask:0>
+        doc[end:] <mask:0>`` and the model writes the span until ``<eos_span>``: an image span
+        gets exactly ``end - start`` image ids, a text span text ids. Returns the document with
+        the span replaced.
+        """
+        start, end = span
+        document = list(document)
+        if not 0 <= start < end <= len(document):
+            raise ValueError(f"span {span} is not inside the document of {len(document)} tokens")
+        region = document[start:end]
+        vocab = self.vocab
+        if all(vocab.is_image(t) for t in region):
+            output, length = "image", end - start
+        elif all(vocab.is_text(t) for t in region):
+            output, length = "text", None
+        else:
+            raise ValueError("an infilled span must be all text or all image tokens")
+        sentinel = vocab.sentinel(0)
+        prompt = [vocab.bos, *context, *document[:start], sentinel, *document[end:], sentinel]
+        constraint = ModalityConstraint(
+            vocab, self.codec.image_tokens, output, (vocab.eos_span,), length
+        )
+        max_new = (length or self.max_text_tokens) + 1
+        request = GenerationRequest(prompt, strategy, prompt)  # no unconditional variant
+        (filled,) = generate(self.model, vocab, [request], constraint, max_new, seed)
+        return [*document[:start], *filled, *document[end:]]
+
+    def _retrieve(self, task: str, items: Sequence[TaskInput], k: int) -> list[list]:
+        if k == 0:
+            return [[] for _ in items]
+        if self.bank is None:
+            raise ValueError("retrieval asked for but no memory bank was loaded")
+        if task in TEXT_QUERY:
+            texts = [self.codec.encode_text(i.texts[TEXT_QUERY[task]]) for i in items]
+            return self.bank.retrieve_text(texts, k)
+        pixels = [i.pixels for i in items]
+        if any(p is None for p in pixels):
+            pixels = list(self.decode_ids([i.images["image"] for i in items]))
+        return self.bank.retrieve_image(np.stack(pixels), k)
+
+    def _finish_images(self, task, items, results, rerank: bool) -> None:
+        for r in results:
+            r.sample_codes = [self.vocab.vocab_to_image(s) for s in r.samples]
+        use_rerank = rerank and task in TEXT_QUERY and self.retriever is not None
+        if use_rerank and len(results[0].samples) > 1:
+            images = self.decode_ids([s for r in results for s in r.samples])
+            image_emb = self.retriever.embed_image(images)
+            queries = [
+                self.vocab.vocab_to_text(self.codec.encode_text(i.texts[TEXT_QUERY[task]]))
+                for i in items
+            ]
+            text_emb = self.retriever.embed_text(queries)
+            n = len(results[0].samples)
+            for i, r in enumerate(results):
+                scores = image_emb[i * n : (i + 1) * n] @ text_emb[i]
+                r.rerank_scores = [float(s) for s in scores]
+                r.best = int(np.argmax(scores))
+        for r in results:
+            r.codes = r.sample_codes[r.best]
+
+
+def rerank_prefix(generation: Generation, samples: int) -> int:
+    """Best sample among the first ``samples`` (the samples-per-prompt study reuses one run)."""
+    if not generation.rerank_scores:
+        return 0
+    return int(np.argmax(generation.rerank_scores[:samples]))

@@ -1,0 +1,74 @@
+"""DVC stage `evaluate`: pretrain, SFT and no-retrieval models on the test split.
+
+Reads the models (`--pretrain`, `--sft`, optional `--no-retrieval`), the VQ and text tokenizers,
+the tokens, the corpus (pixels for FID and mask targets) and the memory bank (`--retriever`,
+`--retrieval`); params `base.seed`, `data` and `evaluate`. Writes the folder `--out`
+(predictions, generations, tables, plots, grids; see `cm3leon.evaluation.evaluate`) and the
+headline metrics (`--metrics`, a copy of `<out>/metrics.json` kept out of the DVC cache).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cm3leon.artifacts import atomic_write_bytes
+from cm3leon.config import ConfigError, load_params
+from cm3leon.decoding.multimodal import MultimodalModel
+from cm3leon.evaluation.evaluate import evaluate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    for name in ("pretrain", "sft", "vq", "text-tokenizer", "tokens", "corpus", "retriever"):
+        parser.add_argument(f"--{name}", required=True)
+    for name in ("retrieval", "out", "metrics"):
+        parser.add_argument(f"--{name}", required=True)
+    parser.add_argument("--no-retrieval", default=None, help="the no-retrieval pretrained model")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        params = load_params(args.params)
+        config = params.evaluate
+        torch.manual_seed(params.base.seed)
+        folders = {"pretrain": args.pretrain, "sft": args.sft}
+        if args.no_retrieval:
+            folders["pretrain_no_retrieval"] = args.no_retrieval
+        models = {
+            name: MultimodalModel.load(
+                folder,
+                args.vq,
+                args.text_tokenizer,
+                args.tokens,
+                args.retriever,
+                args.retrieval,
+                phrasing=config.phrasing,
+                batch_size=config.batch_size,
+                max_text_tokens=config.max_text_tokens,
+            )
+            for name, folder in folders.items()
+        }
+        metrics = evaluate(
+            models,
+            args.corpus,
+            args.tokens,
+            params.data,
+            config,
+            params.base.seed,
+            args.out,
+            log=lambda line: print(f"evaluate: {line}", flush=True),
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"evaluate: error: {err}", file=sys.stderr)
+        return 1
+    atomic_write_bytes(args.metrics, (Path(args.out) / "metrics.json").read_bytes())
+    best = metrics["best_text_to_image"]
+    print(f"evaluate: best text-to-image {best} in {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""MultimodalModel: task prompts, infilling and the task runner on a toy model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cm3leon.config import VQConfig
+from cm3leon.decoding.multimodal import MultimodalModel, TaskInput
+from cm3leon.decoding.selector import Strategy
+from cm3leon.model.transformer import DecoderLM, TransformerShape
+from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.text import train_text_tokenizer
+from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.tokenizers.vq import VQModel
+
+VOCAB = Vocab(text_size=300, image_size=32, num_sentinels=2, num_reserved=0)
+TOKENIZER = train_text_tokenizer(["a red circle at the top", "what color is it?"] * 4, 300)
+IMAGE = VOCAB.image_to_vocab(list(range(16)) * 4)  # 64 codes: an 8x8 grid
+
+
+def toy(kind: str) -> MultimodalModel:
+    torch.manual_seed(0)
+    shape = TransformerShape(VOCAB.size, n_layer=1, n_head=2, d_model=16, max_seq_len=300)
+    model = DecoderLM(shape).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    vq = VQModel(VQConfig(codebook_size=32, code_dim=8, channels=(16, 16))).eval()
+    codec = DocumentCodec(VOCAB, TOKENIZER, image_tokens=64)
+    return MultimodalModel(model, codec, vq, kind, max_text_tokens=6)
+
+
+def test_pretrain_captioning_is_infilling_and_sft_uses_the_template():
+    item = TaskInput(images={"image": IMAGE})
+    s0 = VOCAB.sentinel(0)
+    cond, _ = toy("pretrain").prompts("captioning", item, [])
+    assert cond == [VOCAB.bos, s0, VOCAB.brk, *IMAGE, s0]
+    cond, uncond = toy("sft").prompts("captioning", item, [7, VOCAB.eos])
+    assert cond[:3] == [VOCAB.bos, 7, VOCAB.eos] and cond[-1] == VOCAB.brk
+    assert cond[-65:-1] == IMAGE
+    assert uncond == cond  # no text field to mask in this template
+
+
+def test_text_to_image_samples_are_whole_images_and_text_tasks_are_text():
+    model = toy("sft")
+    items = [TaskInput(texts={"caption": "a red circle"}), TaskInput(texts={"caption": "a"})]
+    plan = [Strategy("top_p", cfg_weight=2.0), Strategy("cd_k", cfg_weight=2.0)]
+    results = model.run("text_to_image", items, plan, seed=1)
+    for r in results:
+        assert len(r.samples) == 2 and r.strategies == ["top_p", "cd_k"]
+        assert all(len(c) == 64 for c in r.sample_codes) and r.codes == r.sample_codes[0]
+        assert r.rerank_scores == []  # no retriever loaded: no re-ranking
+    images = model.decode_ids([VOCAB.image_to_vocab(r.codes) for r in results])
+    assert images.shape == (2, model.image_size, model.image_size, 3)
+    (answer,) = model.run(
+        "vqa",
+        [TaskInput({"question": "what color is it?"}, {"image": IMAGE})],
+        [Strategy("greedy")],
+    )
+    assert all(VOCAB.is_text(t) for t in answer.samples[0]) and len(answer.samples[0]) <= 6
+    assert isinstance(answer.text, str)
+    with pytest.raises(ValueError, match="no memory bank"):
+        model.run("text_to_image", items, plan, retrieved=2)
+
+
+def test_infilling_replaces_exactly_the_span():
+    model = toy("pretrain")
+    caption = model.codec.encode_text("a red circle at the top")
+    document = [*caption, VOCAB.brk, *IMAGE]
+    start = len(caption) + 1 + 10
+    filled = model.infill(document, (start, start + 5), Strategy("top_p"), seed=3)
+    assert len(filled) == len(document)
+    assert filled[:start] == document[:start] and filled[start + 5 :] == document[start + 5 :]
+    assert all(VOCAB.is_image(t) for t in filled[start : start + 5])
+    text_filled = model.infill(document, (1, 3), Strategy("greedy"))
+    assert text_filled[0] == document[0] and text_filled[-65:] == document[-65:]
+    assert all(VOCAB.is_text(t) for t in text_filled[1 : len(text_filled) - 65])
+    with pytest.raises(ValueError, match="all text or all image"):
+        model.infill(document, (len(caption) - 1, len(caption) + 2), Strategy("greedy"))
+
+
+def test_pixels_round_trip_through_the_vq_ids():
+    model = toy("sft")
+    pixels = np.zeros((2, model.image_size, model.image_size, 3), np.uint8)
+    ids = model.encode_pixels(pixels)
+    assert len(ids) == 2 and all(len(i) == 64 and all(VOCAB.is_image(t) for t in i) for i in ids)

@@ -1,0 +1,233 @@
+"""Evaluation metrics on toy inputs with hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cm3leon.evaluation.metrics import (
+    binarize_mask,
+    caption_scores,
+    caption_tokens,
+    clip_score,
+    frechet_distance,
+    mask_iou,
+    normalize_vqa_answer,
+    vqa_accuracy,
+)
+
+# ------------------------------------------------------------------------------------- VQA
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Two", "2"),
+        ("none", "0"),
+        ("ten", "10"),
+        ("the red car.", "red car"),
+        # "one" is a number word in the official script, so this is "red 1", not "red one".
+        ("the red one.", "red 1"),
+        ("Yes!", "yes"),
+        ("yes.", "yes"),
+        ("  An\tapple\n", "apple"),
+        ("dont", "don't"),
+        ("isnt", "isn't"),
+        ("Whats up?", "what's up"),
+        ("don't", "don't"),  # the apostrophe is not in the official punctuation list
+        ("3.5", "3.5"),  # a period followed by a digit is kept
+        ("1,000", "1000"),  # digit-comma-digit: punctuation is deleted, not spaced
+        ("dog, cat", "dog cat"),  # mark touching a space: deleted
+        ("left-right", "left right"),  # mark not touching a space: replaced by a space
+    ],
+)
+def test_normalize_vqa_answer(raw: str, expected: str) -> None:
+    assert normalize_vqa_answer(raw) == expected
+
+
+def test_vqa_accuracy_ten_answers() -> None:
+    def answers(n_match: int) -> list[str]:
+        return ["red"] * n_match + ["blue"] * (10 - n_match)
+
+    # Leave-one-out over 10 answers: 1, 2, 3, 4 matches -> 0.3, 0.6, 0.9, 1.0.
+    assert vqa_accuracy("red", answers(0)) == 0.0
+    assert vqa_accuracy("red", answers(1)) == pytest.approx(9 * (1 / 3) / 10)
+    assert vqa_accuracy("red", answers(1)) == pytest.approx(0.3)
+    assert vqa_accuracy("red", answers(2)) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+    assert vqa_accuracy("red", answers(2)) == pytest.approx(0.6)
+    assert vqa_accuracy("red", answers(3)) == pytest.approx((3 * (2 / 3) + 7 * 1) / 10)
+    assert vqa_accuracy("red", answers(3)) == pytest.approx(0.9)
+    assert vqa_accuracy("red", answers(4)) == pytest.approx(1.0)
+    assert vqa_accuracy("red", answers(10)) == pytest.approx(1.0)
+
+
+def test_vqa_accuracy_normalizes_both_sides() -> None:
+    assert vqa_accuracy("Two.", ["2"] * 10) == 1.0
+    assert vqa_accuracy("2", ["two"] * 10) == 1.0
+
+
+def test_vqa_accuracy_other_lengths() -> None:
+    # A single exact answer repeated 10 times: exact-match accuracy.
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("no", ["yes"] * 10) == 0.0
+    # One answer: no leave-one-out subset, min(1, 1/3).
+    assert vqa_accuracy("yes", ["yes"]) == pytest.approx(1 / 3)
+    # Five answers, two matching: subsets without a match (2) give 1/3, the other 3 give 2/3.
+    assert vqa_accuracy("red", ["red", "red", "a", "b", "c"]) == pytest.approx(
+        (2 * (1 / 3) + 3 * (2 / 3)) / 5
+    )
+    with pytest.raises(ValueError):
+        vqa_accuracy("yes", [])
+
+
+# ------------------------------------------------------------------------------ captioning
+
+
+def test_caption_tokens() -> None:
+    assert caption_tokens("  A Dog, running!\nFast.  ") == "a dog running fast"
+    assert caption_tokens("don't stop_now 42") == "dont stopnow 42"
+
+
+CAPTIONS = {
+    "1": "A black dog runs on the grass.",
+    "2": "Two birds fly over the sea.",
+    "3": "A man rides a red bicycle.",
+}
+
+
+def test_caption_scores_identical() -> None:
+    scores = caption_scores(CAPTIONS, {k: [v] for k, v in CAPTIONS.items()})
+    assert set(scores) == {"cider_d", "bleu_4", "bleu_1"}
+    assert scores["bleu_4"] == pytest.approx(1.0)
+    assert scores["bleu_1"] == pytest.approx(1.0)
+    # One reference per image and an exact match: cosine 1 at every n, no length penalty, x10.
+    assert scores["cider_d"] == pytest.approx(10.0)
+
+
+def test_caption_scores_wrong_caption_scores_lower() -> None:
+    refs = {k: [v] for k, v in CAPTIONS.items()}
+    good = caption_scores(CAPTIONS, refs)
+    bad = caption_scores({**CAPTIONS, "3": "A woman eats a green apple."}, refs)
+    assert bad["cider_d"] < good["cider_d"]
+    assert bad["bleu_4"] < good["bleu_4"]
+    assert bad["bleu_1"] < good["bleu_1"]
+
+
+def test_caption_scores_hand_computed_bleu() -> None:
+    # hyp "a cat sat on the mat" vs ref "a cat sat on a mat" (both 6 words, no brevity penalty):
+    # clipped precisions 5/6, 3/5, 2/4, 1/3 -> BLEU-1 = 5/6, BLEU-4 = (1/12) ** (1/4).
+    scores = caption_scores({"x": "A cat sat on the mat."}, {"x": ["a cat sat on a mat"]})
+    assert scores["bleu_1"] == pytest.approx(5 / 6, rel=1e-6)
+    assert scores["bleu_4"] == pytest.approx((1 / 12) ** 0.25, rel=1e-6)
+    # A single image gives every n-gram idf 0, so CIDEr-D is 0.
+    assert scores["cider_d"] == 0.0
+    # Brevity penalty: 2 words against 6 -> exp(1 - 6/2), unigram precision 1.
+    short = caption_scores({"x": "a cat"}, {"x": ["a cat sat on the mat"]})
+    assert short["bleu_1"] == pytest.approx(math.exp(-2), rel=1e-6)
+
+
+def test_caption_scores_errors() -> None:
+    with pytest.raises(ValueError, match="'2'"):
+        caption_scores({"1": "a dog", "2": "a cat"}, {"1": ["a dog"]})
+    with pytest.raises(ValueError, match="'1'"):
+        caption_scores({"1": "a dog"}, {"1": []})
+    with pytest.raises(ValueError):
+        caption_scores({}, {"1": ["a dog"]})
+
+
+# --------------------------------------------------------------------------------- FID
+
+
+def _exact_moments(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Samples whitened to sample mean exactly 0 and sample covariance exactly I."""
+    x = rng.standard_normal((n, d))
+    x -= x.mean(axis=0)
+    chol = np.linalg.cholesky(np.cov(x, rowvar=False))
+    return x @ np.linalg.inv(chol).T
+
+
+def test_frechet_distance_self_is_zero() -> None:
+    x = np.random.default_rng(0).standard_normal((200, 8))
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_exact_moments() -> None:
+    rng = np.random.default_rng(1)
+    d = 4
+    m = np.array([1.0, -2.0, 0.5, 0.0])
+    a = _exact_moments(rng, 50, d)
+    b = 2.0 * _exact_moments(rng, 60, d) + m  # covariance 4 I
+    # |m|^2 + Tr(I + 4I - 2 * sqrt(4I)) = |m|^2 + d
+    assert frechet_distance(a, b) == pytest.approx(float(m @ m) + d, abs=1e-8)
+    assert frechet_distance(b, a) == pytest.approx(float(m @ m) + d, abs=1e-8)
+
+
+def test_frechet_distance_sampled_gaussians() -> None:
+    rng = np.random.default_rng(2)
+    m = np.array([1.0, 2.0, -1.0])
+    a = rng.standard_normal((20_000, 3))
+    b = rng.standard_normal((20_000, 3)) + m
+    assert frechet_distance(a, b) == pytest.approx(float(m @ m), abs=0.2)
+
+
+def test_frechet_distance_rank_deficient_is_finite() -> None:
+    # Fewer rows than dims: singular covariances must still give a finite, ~non-negative value.
+    rng = np.random.default_rng(3)
+    value = frechet_distance(rng.standard_normal((5, 16)), rng.standard_normal((6, 16)))
+    assert np.isfinite(value)
+    assert value > -1e-6
+
+
+def test_frechet_distance_errors() -> None:
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError):
+        frechet_distance(np.ones((5, 3)), np.ones((5, 4)))
+
+
+# --------------------------------------------------------------------------- CLIPScore
+
+
+def test_clip_score() -> None:
+    e = np.eye(3)
+    assert clip_score(e, e) == pytest.approx(2.5)
+    assert clip_score(e, 7.0 * e) == pytest.approx(2.5)  # scale-invariant
+    assert clip_score(e, np.roll(e, 1, axis=0)) == pytest.approx(0.0)  # orthogonal
+    assert clip_score(e[:1], -e[:1]) == 0.0  # negative cosine clipped at 0
+    # cos 45 degrees and cos 0: mean of 2.5 * (1/sqrt2) and 2.5.
+    t = np.array([[1.0, 0.0], [0.0, 3.0]])
+    v = np.array([[1.0, 1.0], [0.0, 1.0]])
+    assert clip_score(t, v) == pytest.approx((2.5 / math.sqrt(2) + 2.5) / 2)
+    assert clip_score(t, v, weight=1.0) == pytest.approx((1 / math.sqrt(2) + 1) / 2)
+    with pytest.raises(ValueError):
+        clip_score(np.eye(3), np.eye(2))
+
+
+# ------------------------------------------------------------------------------ masks
+
+
+def test_mask_iou() -> None:
+    pred = np.zeros((4, 4), dtype=bool)
+    target = np.zeros((4, 4), dtype=bool)
+    pred[0:2, 0:2] = True  # 4 pixels
+    target[1:3, 1:3] = True  # 4 pixels, overlap 1 -> IoU 1 / 7
+    assert mask_iou(pred, target) == pytest.approx(1 / 7)
+    assert mask_iou(pred, pred) == 1.0
+    assert mask_iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    assert mask_iou(pred, np.zeros((4, 4), bool)) == 0.0
+    with pytest.raises(ValueError):
+        mask_iou(pred, np.zeros((4, 5), bool))
+
+
+def test_binarize_mask() -> None:
+    rgb = np.array([[[255, 255, 255], [0, 0, 0]], [[200, 100, 90], [128, 128, 128]]], np.uint8)
+    # Channel means: 255, 0, 130, 128 -> all but the black pixel exceed 127.
+    assert binarize_mask(rgb).tolist() == [[True, False], [True, True]]
+    gray = np.array([[127, 128]], np.uint8)
+    assert binarize_mask(gray).tolist() == [[False, True]]
+    with pytest.raises(ValueError):
+        binarize_mask(np.zeros((2, 2, 4), np.uint8))
+    with pytest.raises(ValueError):
+        binarize_mask(np.zeros((2, 2), np.float32))
