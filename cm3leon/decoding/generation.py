@@ -57,7 +57,8 @@ def generate(
     if not requests:
         return []
     device = model.head.weight.device
-    stops = constraint.stop.nonzero().flatten().tolist()
+    constraint = constraint.to(device)
+    stops = set(constraint.stop.nonzero().flatten().tolist())
     rows = [list(r.prompt) for r in requests]
     uncond_row = {}
     for i, r in enumerate(requests):
@@ -66,7 +67,7 @@ def generate(
                 raise ValueError(f"request {i} uses {r.strategy} but has no unconditional prompt")
             uncond_row[i] = len(rows)
             rows.append(list(r.unconditional))
-    longest = max(len(r) for r in rows) + max_new_tokens
+    longest = max(len(r) for r in rows) + max_new_tokens - 1  # the last token is never fed
     if longest > model.shape.max_seq_len:
         raise ValueError(
             f"a prompt plus {max_new_tokens} new tokens needs {longest} positions but the model's "
@@ -83,14 +84,14 @@ def generate(
     groups = {s: torch.tensor(rows_, device=device) for s, rows_ in groups.items()}
     selector = TokenSelector(seed, device)
 
-    cache = model.new_cache(len(rows), ids.shape[1] + max_new_tokens) if use_cache else None
+    cache = model.new_cache(len(rows), ids.shape[1] + max_new_tokens - 1) if use_cache else None
     logits = model(ids, kv_cache=cache, pad_mask=pad_mask)[:, -1]  # (R, V)
+    run = image_run_lengths(ids[:n], vocab)  # (n,) trailing image tokens, kept up to date
     generated = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     outputs: list[list[int]] = [[] for _ in range(n)]
-    for _ in range(max_new_tokens):
-        run = image_run_lengths(ids[:n], vocab)
-        allowed = constraint.allowed(run, generated).to(device)  # (n, V)
+    for position in range(max_new_tokens):
+        allowed = constraint.allowed(run, generated)  # (n, V)
         cond = logits[cond_index].float().masked_fill(~allowed, float("-inf"))
         uncond = logits[uncond_index].float().masked_fill(~allowed, float("-inf"))
         scores = torch.empty_like(cond)
@@ -100,21 +101,24 @@ def generate(
             greedy[members] = strategy.name == "greedy"
         token = selector(scores, greedy)  # (n,)
         token = torch.where(done, torch.full_like(token, vocab.pad), token)
-        for i in (~done).nonzero().flatten().tolist():
-            t = int(token[i])
+        was_done = done.tolist()
+        for i, t in enumerate(token.tolist()):  # one device sync per step
+            if was_done[i]:
+                continue
             if t in stops:
                 done[i] = True
             else:
                 outputs[i].append(t)
         generated += (~done).long()
-        if bool(done.all()):
-            break
+        run = torch.where(vocab.image_mask(token), run + 1, torch.zeros_like(run))
+        if bool(done.all()) or position == max_new_tokens - 1:
+            break  # nothing left to feed: the last token's logits are never needed
         step = torch.cat([token, token[list(uncond_row)]]) if uncond_row else token  # (R,)
         step_mask = torch.cat([~done, ~done[list(uncond_row)]]) if uncond_row else ~done
-        ids = torch.cat([ids, step[:, None]], 1)
-        pad_mask = torch.cat([pad_mask, step_mask[:, None]], 1)
         if use_cache:
             logits = model(step[:, None], kv_cache=cache, pad_mask=step_mask[:, None])[:, -1]
         else:
+            ids = torch.cat([ids, step[:, None]], 1)
+            pad_mask = torch.cat([pad_mask, step_mask[:, None]], 1)
             logits = model(ids, pad_mask=pad_mask)[:, -1]
     return outputs

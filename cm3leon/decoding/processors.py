@@ -133,6 +133,12 @@ class ModalityConstraint:
         self.stop = torch.zeros(vocab.size, dtype=torch.bool)
         self.stop[list(stops)] = True
 
+    def to(self, device: torch.device | str) -> ModalityConstraint:
+        """This constraint with its masks on ``device`` (where the logits are)."""
+        for name in ("image", "text", "stop"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def allowed(self, run: torch.Tensor, generated: torch.Tensor) -> torch.Tensor:
         """``(B, V)`` legal tokens, given each row's trailing image-run length ``run`` (B,)
         (prompt tokens included) and how many tokens it has generated so far ``generated``."""

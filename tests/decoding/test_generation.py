@@ -94,3 +94,14 @@ def test_strategy_needing_the_unconditional_stream_requires_it():
     too_long = [GenerationRequest([VOCAB.bos] * 45, Strategy("greedy"), None)]
     with pytest.raises(ValueError, match="context"):
         generate(m, VOCAB, too_long, constraint, GRID + 1, seed=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generation_on_gpu_matches_cpu():
+    m = model()
+    plan = [Strategy("greedy", cfg_weight=2.0)]
+    constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
+    on_cpu = generate(m, VOCAB, requests(plan), constraint, GRID + 1, seed=0)
+    on_gpu = generate(m.cuda(), VOCAB, requests(plan), constraint, GRID + 1, seed=0)
+    assert on_gpu == on_cpu
