@@ -37,7 +37,7 @@ def add_commands(sub) -> None:
     generate = sub.add_parser("generate", help="text -> image")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", required=True, help="PNG to write")
-    _decoding_options(generate, strategy="mix", cfg=3.0, samples=4)
+    _decoding_options(generate, strategy="top_p", cfg=1.0, samples=4)
     caption = sub.add_parser("caption", help="image -> caption")
     caption.add_argument("image")
     _decoding_options(caption, strategy="greedy", cfg=1.0, samples=1)

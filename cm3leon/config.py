@@ -410,7 +410,7 @@ class CM3Config:
 class TrainConfig:
     """``pretrain.train`` / ``sft.train``: the DeepSpeed training loop (DESIGN.md §7)."""
 
-    steps: int = 600  # optimizer steps
+    steps: int = 1000  # optimizer steps
     micro_batch_size: int = 16  # sequences per process per forward
     gradient_accumulation_steps: int = 1
     zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
@@ -482,7 +482,7 @@ class SFTConfig:
     loss_on_output_only: bool = False  # CM3Leon: loss on the whole sequence
     mixing: SFTMixConfig = field(default_factory=SFTMixConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=400, lr=0.001, warmup_steps=20, eval_every=100)
+        default_factory=lambda: TrainConfig(steps=600, lr=0.001, warmup_steps=20, eval_every=100)
     )
 
     def __post_init__(self) -> None:
@@ -499,8 +499,8 @@ class DecodingConfig:
     editing and segmentation.
     """
 
-    strategy: str = "mix"
-    cfg_weight: float = 3.0
+    strategy: str = "top_p"
+    cfg_weight: float = 1.0
     temperature: float = 1.0
     top_p: float = 0.9
     cd_alpha: float = 0.1
@@ -526,7 +526,7 @@ class StudiesConfig:
     """``evaluate.studies``: the paper's ablations in miniature, on ``prompts`` test prompts."""
 
     prompts: int = 100
-    cfg_weights: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 7.0)
+    cfg_weights: tuple[float, ...] = (1.0, 1.5, 3.0, 5.0, 7.0)
     strategies: tuple[str, ...] = ("top_p", "cd_k", "mix")
     samples: tuple[int, ...] = (1, 2, 4, 8)
     retrieved: tuple[int, ...] = (0, 1, 2)

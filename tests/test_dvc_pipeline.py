@@ -142,6 +142,8 @@ def test_same_seed_gives_identical_corpus_hashes(make_project):
     assert (
         lock_outs(a, "pretrain")["models/pretrain"] == lock_outs(b, "pretrain")["models/pretrain"]
     )
+    # and every evaluation output: generations, predictions, tables, plots and grids
+    assert lock_outs(a, "evaluate")["reports/eval"] == lock_outs(b, "evaluate")["reports/eval"]
 
 
 def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):

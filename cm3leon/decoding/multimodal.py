@@ -84,7 +84,9 @@ class MultimodalModel:
         phrasing: int = 0,
         batch_size: int = 256,
         max_text_tokens: int = 48,
+        device: str = "cpu",
     ) -> None:
+        model = model.to(device)  # the transformer runs there; VQ and retriever stay on CPU
         self.model, self.codec, self.vq, self.kind, self.bank = model, codec, vq, kind, bank
         self.fingerprint: str | None = None  # the model folder's, set by load()
         self.vocab = codec.vocab

@@ -25,6 +25,18 @@ def flow_module():
         yield load_flow_module()
 
 
+ALL_STAGES = [
+    "prepare",
+    "validate",
+    "tokenize",
+    "index",
+    "pretrain",
+    "sft",
+    "pretrain_no_retrieval",
+    "evaluate",
+]
+
+
 def test_stage_order_comes_from_dvc(make_project, flow_module):
     root = make_project()
     add_downstream_stage(root)
@@ -36,6 +48,8 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
         "index",
         "pretrain",
         "sft",
+        "pretrain_no_retrieval",
+        "evaluate",
         "downstream",
     ]
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
@@ -46,12 +60,14 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     state = flow_module.pipeline(project=str(root), return_state=True)
     assert state.is_completed()
     results = state.result()
-    assert list(results) == ["prepare", "validate", "tokenize", "index", "pretrain", "sft"]
+    assert list(results) == ALL_STAGES
     metrics = {row["metric"]: row["value"] for row in results["validate"]}
     assert metrics["success"] is True
     assert "dvc.lock" in {p.name for p in root.iterdir()}
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "validate", "tokenize", "index", "pretrain", "sft"}
+    assert set(lock["stages"]) == set(ALL_STAGES)
+    evaluate = {row["metric"]: row["value"] for row in results["evaluate"]}
+    assert "best_text_to_image.accuracy" in evaluate  # eval metrics reach the Prefect artifact
 
 
 def test_flow_rejects_unknown_stage_names(make_project, flow_module):
