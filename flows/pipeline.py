@@ -7,9 +7,15 @@ a no-op) while Prefect adds retries, timeouts, logs and per-stage artifacts (a t
 stage's DVC metrics). A stage that fails after its retries fails the flow with the stage's own
 error output in the exception, and no downstream stage runs.
 
+Every stage run is recorded for lineage in ``.lineage/prefect_runs.jsonl`` (untracked): the
+Prefect flow and task run ids, the final state and the hashes ``dvc.lock`` then holds for the
+stage's outputs — ``cm3leon lineage`` matches those hashes to name the run that produced an
+artifact. With ``--openlineage FILE`` the flow also appends OpenLineage run events (START, then
+COMPLETE or FAIL, per stage, inputs and outputs from ``dvc.yaml``/``dvc.lock``) to ``FILE``.
+
 Usage (from the project root; ``cm3leon run`` / ``cm3leon schedule`` call this file)::
 
-    python flows/pipeline.py run [--stages prepare,validate] [--force]
+    python flows/pipeline.py run [--stages prepare,validate] [--force] [--openlineage FILE]
     python flows/pipeline.py schedule --cron "0 3 * * *"
 """
 
@@ -20,6 +26,8 @@ import json
 import os
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run, task_run
 
 from cm3leon.config import load_params
 
 OUTPUT_TAIL_CHARS = 4000
+RUNS_FILE = Path(".lineage") / "prefect_runs.jsonl"
+OPENLINEAGE_PRODUCER = "https://github.com/cm3leon/cm3leon/flows/pipeline.py"
+OPENLINEAGE_SCHEMA = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
 
 
 class StageFailed(RuntimeError):
@@ -94,15 +106,86 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix.rstrip("."), data)]
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one line; a single small write, so concurrent readers see whole lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as file:
+        file.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _stage_files(project: str, stage: str) -> tuple[list[str], dict[str, str | None]]:
+    """``(declared deps, {out path: md5 from dvc.lock})`` of a stage of the root dvc.yaml."""
+    import yaml
+
+    root = Path(project)
+    declared = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {}).get(stage, {})
+    lock_file = root / "dvc.lock"
+    lock = yaml.safe_load(lock_file.read_text()).get("stages", {}) if lock_file.is_file() else {}
+    outs = {o["path"]: o.get("md5") for o in lock.get(stage, {}).get("outs", [])}
+    for out in declared.get("outs", []):  # declared outs the lock does not hold (yet)
+        outs.setdefault(next(iter(out)) if isinstance(out, dict) else out, None)
+    deps = [d for d in declared.get("deps", []) if isinstance(d, str)]
+    return deps, outs
+
+
+def _openlineage_event(kind: str, stage: str, run_id: str, project: str) -> dict[str, Any]:
+    deps, outs = _stage_files(project, stage)
+
+    def dataset(path: str, md5: str | None = None) -> dict[str, Any]:
+        facets = {"version": {"datasetVersion": md5}} if md5 else {}
+        return {"namespace": f"file://{Path(project).resolve()}", "name": path, "facets": facets}
+
+    return {
+        "eventType": kind,
+        "eventTime": _now(),
+        "producer": OPENLINEAGE_PRODUCER,
+        "schemaURL": OPENLINEAGE_SCHEMA,
+        "run": {"runId": run_id, "facets": {}},
+        "job": {"namespace": "cm3leon", "name": stage, "facets": {}},
+        "inputs": [dataset(d) for d in deps],
+        "outputs": [dataset(p, m if kind == "COMPLETE" else None) for p, m in outs.items()],
+    }
+
+
 @task(name="dvc-stage", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, metrics: list[str], project: str, force: bool = False) -> list[dict]:
-    """Run one DVC stage; publish its metrics as a Prefect table artifact."""
+def run_stage(
+    stage: str,
+    metrics: list[str],
+    project: str,
+    force: bool = False,
+    openlineage_file: str | None = None,
+) -> list[dict]:
+    """Run one DVC stage; publish its metrics as a Prefect table artifact and record the run."""
     logger = get_run_logger()
+    run_id = str(task_run.id or uuid.uuid4())
+    if openlineage_file:
+        _append_jsonl(Path(openlineage_file), _openlineage_event("START", stage, run_id, project))
     cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True, check=False)
     for line in (proc.stdout + proc.stderr).splitlines():
         logger.info("%s | %s", stage, line)
+    state = "COMPLETED" if proc.returncode == 0 else "FAILED"
+    _, outs = _stage_files(project, stage)
+    _append_jsonl(
+        Path(project) / RUNS_FILE,
+        {
+            "stage": stage,
+            "state": state,
+            "finished": _now(),
+            "flow_run_id": str(flow_run.id),
+            "flow_run_name": flow_run.name,
+            "task_run_id": run_id,
+            "outs": outs,
+        },
+    )
+    if openlineage_file:
+        kind = "COMPLETE" if state == "COMPLETED" else "FAIL"
+        _append_jsonl(Path(openlineage_file), _openlineage_event(kind, stage, run_id, project))
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-OUTPUT_TAIL_CHARS:]
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
@@ -118,7 +201,10 @@ def run_stage(stage: str, metrics: list[str], project: str, force: bool = False)
 
 @flow(name="cm3leon-pipeline", log_prints=True)
 def pipeline(
-    project: str = ".", stages: list[str] | None = None, force: bool = False
+    project: str = ".",
+    stages: list[str] | None = None,
+    force: bool = False,
+    openlineage_file: str | None = None,
 ) -> dict[str, list[dict]]:
     """Run the DVC DAG (or the named stages, in DAG order) with per-stage retries."""
     root = Path(project).resolve()
@@ -137,7 +223,9 @@ def pipeline(
     )
     results = {}
     for stage in dag:
-        results[stage["name"]] = stage_task(stage["name"], stage["metrics"], str(root), force)
+        results[stage["name"]] = stage_task(
+            stage["name"], stage["metrics"], str(root), force, openlineage_file
+        )
     return results
 
 
@@ -147,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the pipeline once")
     run.add_argument("--stages", help="comma-separated stage names (default: all)")
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    run.add_argument("--openlineage", help="append OpenLineage run events to this JSON-lines file")
     schedule = sub.add_parser("schedule", help="serve the flow on a cron schedule")
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     schedule.add_argument("--name", default="cm3leon-scheduled")
@@ -154,7 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     project = os.getcwd()
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-        state = pipeline(project=project, stages=stages, force=args.force, return_state=True)
+        state = pipeline(
+            project=project,
+            stages=stages,
+            force=args.force,
+            openlineage_file=args.openlineage,
+            return_state=True,
+        )
         return 0 if state.is_completed() else 1
     pipeline.serve(name=args.name, cron=args.cron, parameters={"project": project})
     return 0

@@ -40,6 +40,10 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     assert (root / "models/sft/model.safetensors").is_file()
     check_evaluate_outputs(root)
     check_model_commands(root)
+    check_lineage(root)
+    page = (root / "reports/index.html").read_text()
+    assert '<table id="metrics">' in page and "<h2>Lineage of each model</h2>" in page
+    assert "by stage &#x27;sft&#x27;" in page  # the models' lineage is in the report
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
@@ -121,6 +125,40 @@ def check_model_commands(root):
     failed = run([*CLI, "caption", str(broken)], cwd=root, check=False)
     assert failed.returncode != 0
     assert "broken.png: cannot decode image" in failed.stderr
+
+
+def check_lineage(root):
+    """`cm3leon lineage` on a generated sample: its retrieved documents, and a chain whose every
+    hash is the one dvc.lock records, down to the source data."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    sample = "reports/eval/generations/pretrain/text_to_image/0000.png"
+    record = json.loads(run([*CLI, "lineage", sample, "--json"], cwd=root).stdout)
+    assert record["sample"]["retrieved"] and record["sample"]["source"].endswith("manifest.json")
+    assert record["git"]["commit"] and "torch" in record["packages"]
+    node, stages = record["artifact"], []
+    while isinstance(node, dict):
+        stages.append(node["stage"])
+        entry = lock[node["stage"]]
+        assert node["cmd"] == entry["cmd"]
+        assert {o["path"]: o["md5"] for o in entry["outs"]}[node["output"]] == node["output_md5"]
+        deps = {d["path"]: d["md5"] for d in entry["deps"]}
+        for item in node["code"] + node["inputs"]:
+            assert deps[item["path"]] == item["md5"]
+        assert len(node["code"]) + len(node["inputs"]) == len(deps)
+        data = [i for i in node["inputs"] if isinstance(i.get("produced_by"), dict)]
+        node = data[0]["produced_by"] if data else None
+    assert stages[0] == "evaluate" and stages[-1] == "prepare"
+    text = run([*CLI, "lineage", "generated.png"], cwd=root).stdout
+    assert "retrieved memory-bank documents: 2" in text and "by stage 'sft'" in text
+    # a changed param shows up in the lineage after the rerun
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["grid_examples"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc("repro", cwd=root)
+    record = json.loads(run([*CLI, "lineage", sample, "--json"], cwd=root).stdout)
+    assert record["artifact"]["params"]["evaluate.grid_examples"] == 2
+    failed = run([*CLI, "lineage", "README.md"], cwd=root, check=False)
+    assert failed.returncode != 0 and "not an output of any stage" in failed.stderr
 
 
 def test_same_seed_gives_identical_corpus_hashes(make_project):

@@ -1,12 +1,15 @@
 """The Prefect flow drives the real DVC DAG under a test Prefect server."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
+
+from cm3leon.lineage.lineage import trace
 
 from conftest import ROOT, add_downstream_stage, corrupt_corpus, dvc
 
@@ -34,6 +37,7 @@ ALL_STAGES = [
     "sft",
     "pretrain_no_retrieval",
     "evaluate",
+    "report",
 ]
 
 
@@ -50,6 +54,7 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
         "sft",
         "pretrain_no_retrieval",
         "evaluate",
+        "report",
         "downstream",
     ]
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
@@ -57,7 +62,10 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
 
 def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     root = make_project()
-    state = flow_module.pipeline(project=str(root), return_state=True)
+    events_file = root / "openlineage.jsonl"
+    state = flow_module.pipeline(
+        project=str(root), openlineage_file=str(events_file), return_state=True
+    )
     assert state.is_completed()
     results = state.result()
     assert list(results) == ALL_STAGES
@@ -68,6 +76,26 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     assert set(lock["stages"]) == set(ALL_STAGES)
     evaluate = {row["metric"]: row["value"] for row in results["evaluate"]}
     assert "best_text_to_image.accuracy" in evaluate  # eval metrics reach the Prefect artifact
+    # every stage run is recorded with the flow run that made it and its output hashes
+    flow_run_id = str(state.state_details.flow_run_id)
+    runs = [json.loads(line) for line in (root / ".lineage/prefect_runs.jsonl").open()]
+    assert [r["stage"] for r in runs] == ALL_STAGES
+    assert {r["flow_run_id"] for r in runs} == {flow_run_id}
+    assert {r["state"] for r in runs} == {"COMPLETED"}
+    sft_out = {o["path"]: o["md5"] for o in lock["stages"]["sft"]["outs"]}
+    assert runs[ALL_STAGES.index("sft")]["outs"]["models/sft"] == sft_out["models/sft"]
+    record = trace(root, "models/sft")
+    assert record["artifact"]["prefect_run"]["flow_run_id"] == flow_run_id
+    # OpenLineage: START then COMPLETE per stage, with the run's output versions
+    events = [json.loads(line) for line in events_file.open()]
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        (stage, kind) for stage in ALL_STAGES for kind in ("START", "COMPLETE")
+    ]
+    complete = next(e for e in events if e["eventType"] == "COMPLETE" and e["job"]["name"] == "sft")
+    outputs = {o["name"]: o["facets"]["version"]["datasetVersion"] for o in complete["outputs"]}
+    assert outputs["models/sft"] == sft_out["models/sft"]
+    assert "models/pretrain" in {i["name"] for i in complete["inputs"]}
+    assert all(e["run"]["runId"] for e in events) and all(e["schemaURL"] for e in events)
 
 
 def test_flow_rejects_unknown_stage_names(make_project, flow_module):
@@ -83,10 +111,41 @@ def test_failing_validate_fails_the_flow_and_stops_the_dag(make_project, flow_mo
     add_downstream_stage(root)
     dvc("repro", "prepare", cwd=root)
     corrupt_corpus(root)
-    state = flow_module.pipeline(project=str(root), return_state=True)
+    events_file = root / "events.jsonl"
+    state = flow_module.pipeline(
+        project=str(root), openlineage_file=str(events_file), return_state=True
+    )
     assert state.is_failed()
+    kinds = [(e["job"]["name"], e["eventType"]) for e in map(json.loads, events_file.open())]
+    assert ("validate", "FAIL") in kinds and ("tokenize", "START") not in kinds
+    runs = [json.loads(line) for line in (root / ".lineage/prefect_runs.jsonl").open()]
+    assert {"stage": "validate", "state": "FAILED"}.items() <= runs[-1].items()
     with pytest.raises(flow_module.StageFailed) as err:
         state.result()
     assert "stage 'validate' failed" in str(err.value)
     assert "caption" in str(err.value)
     assert not (root / "downstream.txt").exists()
+
+
+def test_prefect_yaml_deployments_load(flow_module):
+    """prefect.yaml passes Prefect's own schema, and every deployment's entrypoint loads the
+    pipeline flow with parameters the flow accepts."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(raw)
+    assert {d.name for d in model.deployments} == {"nightly", "evaluate-only"}
+    for deployment in model.deployments:
+        entrypoint = deployment.entrypoint.replace("flows/", f"{ROOT}/flows/", 1)
+        loaded = load_flow_from_entrypoint(entrypoint)
+        assert loaded.name == flow_module.pipeline.name
+        validated = loaded.validate_parameters(deployment.parameters)
+        assert deployment.parameters.items() <= validated.items()  # the rest: the defaults
+        assert deployment.work_pool.name == "cm3leon-process"
+    nightly = next(d for d in model.deployments if d.name == "nightly")
+    (schedule,) = nightly.schedules
+    assert CronSchedule(cron=schedule.cron, timezone=schedule.timezone).cron == "0 3 * * *"
+    step = raw["pull"][0]
+    assert "prefect.deployments.steps.set_working_directory" in step

@@ -1,0 +1,238 @@
+"""Where did this file come from? Lineage from ``dvc.lock``, git and per-sample provenance.
+
+DESIGN.md §11. ``dvc.lock`` records, for every stage run, its command, the params it read with
+their values, and the hash of every dependency and output. :func:`trace` joins those records
+into a chain for any artifact path: the stage whose output holds the path, its command and
+params, and each input — code with its hash, data with the chain of the stage that produced
+it, recursively, down to source data no stage produces. Each stage in the chain names the
+Prefect flow run that produced its output when the flow's record
+(``.lineage/prefect_runs.jsonl``) holds the output hash that ``dvc.lock`` holds. The record adds
+the git commit (and whether the working tree was dirty), the versions of the packages that
+shape results, and, for a generated sample, the memory-bank documents retrieved for it: from
+the ``manifest.json`` beside an evaluate-stage image, or from the ``<output>.json`` sidecar the
+CLI writes (whose model folder is then traced too).
+
+This module reads files (``dvc.lock`` is YAML) and asks ``git``; it never imports DVC.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGES = ("cm3leon", "torch", "deepspeed", "faiss-cpu", "tokenizers", "dvc", "prefect")
+CODE_PREFIXES = ("cm3leon/", "stages/", "flows/")
+RUNS_FILE = Path(".lineage") / "prefect_runs.jsonl"  # written by flows/pipeline.py
+
+
+class LineageError(ValueError):
+    """The path is not an artifact of this project (or dvc.lock is missing)."""
+
+
+def read_lock(project: str | Path) -> dict[str, dict[str, Any]]:
+    path = Path(project) / "dvc.lock"
+    if not path.is_file():
+        raise LineageError(f"{path} not found: run the pipeline (dvc repro) first")
+    return yaml.safe_load(path.read_text(encoding="utf-8")).get("stages", {})
+
+
+def find_producer(lock: dict[str, dict], path: str) -> tuple[str, dict] | None:
+    """``(stage, out entry)`` whose output is ``path`` or a folder holding it."""
+    for stage, record in lock.items():
+        for out in record.get("outs", []):
+            if path == out["path"] or path.startswith(out["path"].rstrip("/") + "/"):
+                return stage, out
+    return None
+
+
+def trace(project: str | Path, path: str | Path) -> dict[str, Any]:
+    """The lineage record of ``path`` (relative to ``project`` or absolute inside it)."""
+    project = Path(project).resolve()
+    file = Path(path) if Path(path).is_absolute() else project / path
+    lock = read_lock(project)
+    sample = _sample_provenance(project, file.resolve())
+    if sample is not None and sample.get("model_folder"):
+        relative, target = str(file), sample["model_folder"]  # a CLI output may live anywhere
+    else:
+        relative = target = _relative(project, file)
+    chain = _chain(lock, target, set(), prefect_runs(project))
+    if chain is None:
+        raise LineageError(
+            f"{relative} is not an output of any stage in dvc.lock (outputs: "
+            f"{sorted(o['path'] for r in lock.values() for o in r.get('outs', []))})"
+        )
+    record = {
+        "path": relative,
+        "artifact": chain,
+        "git": git_state(project),
+        "packages": package_versions(),
+    }
+    if sample is not None:
+        record["sample"] = sample
+    return record
+
+
+def prefect_runs(project: Path) -> list[dict[str, Any]]:
+    """The flow's run records (``.lineage/prefect_runs.jsonl``), oldest first."""
+    path = project / RUNS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def _producing_run(runs: list[dict], stage: str, output: str, md5: str | None) -> dict | None:
+    """The latest completed Prefect run of ``stage`` that left exactly this output hash."""
+    if md5 is None:
+        return None
+    keep = ("flow_run_id", "flow_run_name", "task_run_id", "state", "finished")
+    for run in reversed(runs):
+        done = run["stage"] == stage and run["state"] == "COMPLETED"
+        if done and run.get("outs", {}).get(output) == md5:
+            return {k: run.get(k) for k in keep}
+    return None
+
+
+def _chain(lock: dict, path: str, seen: set[str], runs: list[dict]) -> dict[str, Any] | None:
+    found = find_producer(lock, path)
+    if found is None:
+        return None
+    stage, out = found
+    record = lock[stage]
+    node: dict[str, Any] = {
+        "path": path,
+        "stage": stage,
+        "output": out["path"],
+        "output_md5": out.get("md5"),
+        "cmd": record.get("cmd"),
+        "params": _flatten_params(record.get("params", {})),
+        "prefect_run": _producing_run(runs, stage, out["path"], out.get("md5")),
+        "code": [],
+        "inputs": [],
+    }
+    for dep in record.get("deps", []):
+        entry = {"path": dep["path"], "md5": dep.get("md5")}
+        if dep["path"].startswith(CODE_PREFIXES):
+            node["code"].append(entry)
+            continue
+        if dep["path"] not in seen:
+            upstream = _chain(lock, dep["path"], seen | {dep["path"]}, runs)
+            entry["produced_by"] = upstream if upstream is not None else "source data"
+        node["inputs"].append(entry)
+    return node
+
+
+def _flatten_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``{file: {key: value}}`` -> ``{"key.sub": value}`` (file names dropped: one params file)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    for values in params.values():
+        walk("", values)
+    return flat
+
+
+def _sample_provenance(project: Path, file: Path) -> dict[str, Any] | None:
+    sidecar = file.with_name(file.name + ".json")
+    if sidecar.is_file():  # written by `cm3leon generate|edit`
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        data["model_folder"] = _relative(project, data["model"])
+        data["source"] = str(sidecar)
+        return data
+    manifest = file.parent / "manifest.json"
+    if manifest.is_file():  # the evaluate stage's generations
+        for entry in json.loads(manifest.read_text(encoding="utf-8")):
+            if entry.get("file") == file.name:
+                return {**entry, "source": _relative(project, manifest)}
+    return None
+
+
+def _relative(project: Path, path: str | Path) -> str:
+    path = Path(path)
+    absolute = path if path.is_absolute() else (project / path)
+    try:
+        return absolute.resolve().relative_to(project).as_posix()
+    except ValueError:
+        raise LineageError(f"{path} is outside the project {project}") from None
+
+
+def git_state(project: Path) -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=project, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(status) if status is not None else None,
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def format_lineage(record: dict[str, Any]) -> str:
+    """A readable, indented chain (the ``cm3leon lineage`` default output)."""
+    lines = [f"{record['path']}"]
+    sample = record.get("sample")
+    if sample is not None:
+        lines.append(f"  generated sample (from {sample['source']}):")
+        for key in ("prompt", "input", "task", "model", "strategies", "seed", "correct"):
+            if key in sample:
+                lines.append(f"    {key}: {sample[key]}")
+        retrieved = sample.get("retrieved") or []
+        lines.append(f"    retrieved memory-bank documents: {len(retrieved)}")
+        for doc in retrieved:
+            lines.append(f"      {doc['id']}  score {doc['score']:.4f}  {doc['caption']}")
+    git = record["git"]
+    lines.append(f"  git commit {git['commit']}{' (dirty)' if git['dirty'] else ''}")
+    lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in record["packages"].items()))
+    _format_node(record["artifact"], lines, 1)
+    return "\n".join(lines)
+
+
+def _format_node(node: dict[str, Any], lines: list[str], depth: int) -> None:
+    pad = "  " * depth
+    lines.append(f"{pad}<- {node['output']} [{node['output_md5']}] by stage '{node['stage']}'")
+    lines.append(f"{pad}   cmd: {node['cmd']}")
+    run = node.get("prefect_run")
+    if run:
+        lines.append(
+            f"{pad}   prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
+            f"task run {run['task_run_id']}: {run['state']} at {run['finished']}"
+        )
+    else:
+        lines.append(f"{pad}   prefect: no flow run left this output (run with plain dvc repro)")
+    for key, value in node["params"].items():
+        lines.append(f"{pad}   param {key} = {json.dumps(value)}")
+    for code in node["code"]:
+        lines.append(f"{pad}   code {code['path']} [{code['md5']}]")
+    for entry in node["inputs"]:
+        lines.append(f"{pad}   input {entry['path']} [{entry['md5']}]")
+        upstream = entry.get("produced_by")
+        if isinstance(upstream, dict):
+            _format_node(upstream, lines, depth + 2)
+        elif upstream:
+            lines.append(f"{pad}     ({upstream})")

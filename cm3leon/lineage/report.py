@@ -1,0 +1,300 @@
+"""The pipeline's report: one self-contained HTML page with model and data cards (DESIGN.md §11).
+
+:func:`build_report` reads the artifacts the stages left (metrics files, the corpus manifest,
+the validation summary, the evaluation folder's tables, plots, grids and generation manifests,
+the model folders' configs, ``dvc.yaml`` and ``dvc.lock``) and writes ``index.html`` with:
+
+- the headline metrics table of every model and task (``<table id="metrics">``);
+- a model card (intended use, training data, procedure, evaluation with the study tables and
+  plots, limitations) and a data card (source, validation, splits, quarantined rows);
+- the stage DAG, drawn as inline SVG from ``dvc.yaml``;
+- the lineage of each model (:func:`cm3leon.lineage.lineage.trace`);
+- sample grids and, for the first generations, the memory-bank documents they retrieved.
+
+Everything is inline (CSS, SVG, images as ``data:`` URIs): the page opens without a network
+or a server, and there is no JavaScript.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cm3leon.artifacts import atomic_write_text
+from cm3leon.lineage.lineage import format_lineage, trace
+
+TASKS = ("text_to_image", "captioning", "vqa", "editing", "grounding", "segmentation")
+HEADLINE = {"captioning": "attribute_exact_match", "segmentation": "mean_iou"}
+MODELS = ("models/pretrain", "models/sft", "models/pretrain_no_retrieval")
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:12px}
+img{image-rendering:pixelated;max-width:100%}.note{color:#666}
+"""
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f'<p class="note">({html.escape(alt)}: {html.escape(str(path))} not found)</p>'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: list[dict], table_id: str | None = None) -> str:
+    if not rows:
+        return '<p class="note">(no rows)</p>'
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    ident = f' id="{table_id}"' if table_id else ""
+    return f"<table{ident}><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def metrics_rows(evaluation: dict) -> list[dict]:
+    """One row per task: the headline metric of each evaluated model."""
+    models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
+    rows = []
+    for task in TASKS:
+        row: dict[str, Any] = {"task": task, "metric": HEADLINE.get(task, "accuracy")}
+        for model in models:
+            value = evaluation[model].get(task, {}).get(row["metric"])
+            row[model] = value
+        rows.append(row)
+    return rows
+
+
+def dag_svg(dvc_yaml: Path) -> str:
+    """The stage graph as an inline SVG: one column per DAG level, edges output -> consumer."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
+    producer = {}
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            producer[next(iter(out)) if isinstance(out, dict) else out] = name
+    edges = set()
+    for name, stage in stages.items():
+        for dep in stage.get("deps", []):
+            dep = dep if isinstance(dep, str) else next(iter(dep))
+            for out, source in producer.items():
+                if source != name and (dep == out or dep.startswith(out.rstrip("/") + "/")):
+                    edges.add((source, name))
+    level: dict[str, int] = {}
+    for name in stages:  # dvc.yaml lists stages after the ones they need
+        level[name] = 1 + max((level.get(a, 0) for a, b in edges if b == name), default=-1)
+    columns: dict[int, list[str]] = {}
+    for name, lv in level.items():
+        columns.setdefault(lv, []).append(name)
+    pos = {n: (20 + 150 * lv, 20 + 50 * i) for lv, ns in columns.items() for i, n in enumerate(ns)}
+    width = 20 + 150 * (max(columns) + 1)
+    height = 20 + 50 * max(len(ns) for ns in columns.values())
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="12">'
+    ]
+    for a, b in sorted(edges):
+        (x1, y1), (x2, y2) = pos[a], pos[b]
+        parts.append(
+            f'<line x1="{x1 + 120}" y1="{y1 + 15}" x2="{x2}" y2="{y2 + 15}" stroke="#888"/>'
+        )
+    for name, (x, y) in pos.items():
+        parts.append(
+            f'<rect x="{x}" y="{y}" width="120" height="30" rx="4" fill="#eef" stroke="#669"/>'
+            f'<text x="{x + 60}" y="{y + 19}" text-anchor="middle">{html.escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def build_report(project: str | Path, out_file: str | Path, samples: int = 4) -> dict[str, Any]:
+    """Write the report; returns a summary (sections written, models traced)."""
+    root = Path(project)
+    reports = root / "reports"
+    evaluation = _read_json(reports / "eval" / "metrics.json") or {}
+    corpus = _read_json(root / "data" / "corpus" / "manifest.json") or {}
+    validation = _read_json(reports / "validation" / "metrics.json") or {}
+    summary_md = reports / "validation" / "summary.md"
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    sections = []
+
+    sections.append(
+        "<h2>Headline metrics (test split)</h2>" + _table(metrics_rows(evaluation), "metrics")
+    )
+    best = evaluation.get("best_text_to_image")
+    if best:
+        sections.append(
+            "<p>Best text-to-image setting of the CFG study: "
+            + html.escape(", ".join(f"{k} {_fmt(v)}" for k, v in best.items()))
+            + "</p>"
+        )
+
+    model_card = [
+        "<h2>Model card</h2>",
+        "<h3>Intended use</h3><p>Research and teaching: a reproducible, small-scale replica of "
+        "the CM3Leon recipe (retrieval-augmented CM3 pretraining, multi-task SFT, CFG / CD-K "
+        "decoding) on procedurally generated ShapeWorld scenes or the user's own image-caption "
+        "data. Not for production image generation; no safety filtering.</p>",
+        "<h3>Training data</h3>"
+        + _table(
+            [
+                {
+                    "source": corpus.get("source"),
+                    "documents": corpus.get("num_documents"),
+                    "image size": corpus.get("image_size"),
+                    **(corpus.get("splits") or {}),
+                }
+            ]
+        ),
+        "<h3>Procedure</h3>" + _procedure(root, params),
+        "<h3>Evaluation</h3>" + _studies(reports / "eval"),
+        "<h3>Limitations</h3>" + _limitations(evaluation),
+    ]
+    sections.append("".join(model_card))
+
+    quarantine = corpus.get("quarantined", 0)
+    source_params = params.get("data", {}).get(corpus.get("source", ""), {})
+    data_card = [
+        "<h2>Data card</h2>",
+        f"<p>Source: <b>{html.escape(str(corpus.get('source')))}</b> "
+        f"({html.escape(json.dumps(source_params))})</p>",
+        "<h3>Validation</h3>"
+        + _table([{k: v for k, v in validation.items() if not isinstance(v, dict)}])
+        + (
+            f"<pre>{html.escape(summary_md.read_text(encoding='utf-8'))}</pre>"
+            if summary_md.is_file()
+            else ""
+        ),
+        "<h3>Splits</h3>" + _table([corpus.get("splits") or {}]),
+        f"<h3>Quarantined rows</h3><p>{quarantine} rows set aside "
+        "(<code>data/corpus/quarantine.parquet</code>, each with its file, row and reason).</p>",
+        "<h3>Task tables</h3>" + _table([corpus.get("tasks") or {}]),
+    ]
+    sections.append("".join(data_card))
+    sections.append("<h2>Pipeline</h2>" + dag_svg(root / "dvc.yaml"))
+
+    traced = []
+    lineage_parts = ["<h2>Lineage of each model</h2>"]
+    for model in MODELS:
+        if (root / model).exists():
+            try:
+                text = format_lineage(trace(root, model))
+            except ValueError as err:
+                text = f"(no lineage: {err})"
+            traced.append(model)
+            lineage_parts.append(f"<h3>{model}</h3><pre>{html.escape(text)}</pre>")
+    sections.append("".join(lineage_parts))
+    sections.append(_samples(reports / "eval", samples))
+
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>cm3leon report</title><style>{CSS}</style></head><body>"
+        "<h1>cm3leon: model and data report</h1>"
+        f'<p class="note">Built from the artifacts in {html.escape(root.resolve().name)}'
+        " and dvc.lock.</p>" + "".join(sections) + "</body></html>\n"
+    )
+    atomic_write_text(out_file, page)
+    return {"models_traced": traced, "metrics_rows": len(metrics_rows(evaluation))}
+
+
+def _procedure(root: Path, params: dict) -> str:
+    rows = []
+    for model in MODELS:
+        config = _read_json(root / model / "config.json")
+        if config is None:
+            continue
+        stage = "sft" if model.endswith("sft") else "pretrain"
+        train = params.get(stage, {}).get("train", {})
+        shape = config.get("shape", {})
+        rows.append(
+            {
+                "model": model,
+                "layers": shape.get("n_layer"),
+                "width": shape.get("d_model"),
+                "context": shape.get("max_seq_len"),
+                "steps": train.get("steps"),
+                "micro batch": train.get("micro_batch_size"),
+                "lr": train.get("lr"),
+                "retrieval k max": config.get("retrieval_k_max"),
+            }
+        )
+    return _table(rows) + (
+        "<p>Retrieval-augmented CM3 pretraining through DeepSpeed (fp32 on CPU, bf16 on GPU), "
+        "then multi-task SFT from the pretrained weights; see params.yaml.</p>"
+    )
+
+
+def _studies(eval_dir: Path) -> str:
+    parts = []
+    for name in (
+        "cfg_weight",
+        "samples",
+        "retrieved_docs",
+        "ra_vs_no_retrieval",
+        "pretrain_vs_sft",
+    ):
+        rows = _read_json(eval_dir / "tables" / f"{name}.json")
+        if rows is None:
+            continue
+        parts.append(f"<h4>{name.replace('_', ' ')}</h4>" + _table(rows))
+        parts.append(_img(eval_dir / "plots" / f"{name}.png", name))
+    return "".join(parts) or '<p class="note">(no evaluation tables: run the evaluate stage)</p>'
+
+
+def _limitations(evaluation: dict) -> str:
+    items = [
+        "Scores are exact only on ShapeWorld (the template parser judges images); on user data "
+        "the evaluate stage does not run.",
+        "FID and CLIPScore are computed in the project's own dual encoder's feature space, "
+        "not Inception's, unless local Inception weights are configured.",
+    ]
+    t2i = evaluation.get("sft", {}).get("text_to_image", {})
+    if t2i:
+        items.append(
+            f"Text-to-image accuracy of the SFT model: {_fmt(t2i.get('accuracy_1_objects'))} on "
+            f"one-object and {_fmt(t2i.get('accuracy_2_objects'))} on two-object prompts; "
+            "two-object scenes are mostly unseen compositions at this data size."
+        )
+    return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+
+
+def _samples(eval_dir: Path, count: int) -> str:
+    parts = ["<h2>Samples and their retrieved documents</h2>"]
+    for grid in sorted((eval_dir / "samples").glob("*.png")):
+        parts.append(f"<h3>{html.escape(grid.stem)}</h3>" + _img(grid, grid.stem))
+    manifest = _read_json(eval_dir / "generations" / "pretrain" / "text_to_image" / "manifest.json")
+    rows = []
+    for entry in (manifest or [])[:count]:
+        folder = eval_dir / "generations" / "pretrain" / "text_to_image"
+        docs = "; ".join(
+            f"{d['id']} ({d['score']:.3f}): {d['caption']}" for d in entry["retrieved"]
+        )
+        rows.append(
+            {
+                "image": entry["file"],
+                "prompt": entry["prompt"],
+                "correct": entry["correct"],
+                "retrieved": docs or "none",
+            }
+        )
+        parts.append(_img(folder / entry["file"], entry["prompt"]))
+    parts.append(_table(rows))
+    return "".join(parts)

@@ -1,0 +1,104 @@
+"""The HTML report: self-contained, with the metrics table; checked in a real headless browser."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from cm3leon.artifacts import write_png
+from cm3leon.lineage.report import build_report, dag_svg
+
+from conftest import ROOT
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, root / name)
+    evaluation = {
+        model: {
+            "text_to_image": {
+                "accuracy": 0.25,
+                "accuracy_1_objects": 0.5,
+                "accuracy_2_objects": 0.0,
+            },
+            "captioning": {"attribute_exact_match": 0.125},
+            "vqa": {"accuracy": 0.75},
+            "editing": {"accuracy": 0.0625},
+            "grounding": {"accuracy": 0.5},
+            "segmentation": {"mean_iou": 0.375},
+        }
+        for model in ("pretrain", "sft")
+    }
+    eval_dir = root / "reports/eval"
+    (eval_dir / "tables").mkdir(parents=True)
+    (eval_dir / "metrics.json").write_text(json.dumps(evaluation))
+    rows = [{"strategy": "top_p", "cfg_weight": 1.0, "accuracy": 0.3}]
+    (eval_dir / "tables/cfg_weight.json").write_text(json.dumps(rows))
+    write_png(eval_dir / "plots/cfg_weight.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(eval_dir / "samples/sft_text_to_image.png", np.full((8, 8, 3), 200, np.uint8))
+    (root / "data/corpus").mkdir(parents=True)
+    manifest = {"source": "shapeworld", "num_documents": 10, "splits": {"train": 8, "test": 2}}
+    (root / "data/corpus/manifest.json").write_text(json.dumps(manifest))
+    out = root / "reports/index.html"
+    summary = build_report(root, out)
+    return out, summary
+
+
+def test_report_holds_the_metrics_and_needs_no_network(report):
+    out, summary = report
+    page = out.read_text()
+    table = re.search(r'<table id="metrics">(.*?)</table>', page, re.S).group(1)
+    assert table.count("<tr>") == 7  # header + six tasks
+    assert "<td>vqa</td><td>accuracy</td><td>0.75</td><td>0.75</td>" in table
+    for section in ("Model card", "Data card", "Pipeline", "Lineage of each model"):
+        assert f"<h2>{section}</h2>" in page
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://', "")
+    assert summary["metrics_rows"] == 6
+
+
+def test_dag_svg_draws_every_stage_and_edge():
+    svg = dag_svg(ROOT / "dvc.yaml")
+    for stage in ("prepare", "tokenize", "pretrain", "sft", "evaluate", "report"):
+        assert f">{stage}</text>" in svg
+    assert svg.count("<line") >= 8
+
+
+@pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    out, _ = report
+    proc = subprocess.run(
+        [
+            BROWSER,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            out.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert 'id="metrics"' in dom and "<td>segmentation</td>" in dom  # the table rendered
+    assert "cm3leon: model and data report" in dom
+    problems = [
+        line
+        for line in proc.stderr.splitlines()
+        if "Failed to load resource" in line or "net::ERR" in line or "Uncaught" in line
+    ]
+    assert problems == []
