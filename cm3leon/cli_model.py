@@ -20,7 +20,7 @@ import numpy as np
 from cm3leon.artifacts import atomic_write_json, image_grid, write_png
 from cm3leon.data.importers import ImageError, load_image
 from cm3leon.decoding.multimodal import Generation, MultimodalModel, TaskInput
-from cm3leon.decoding.selector import STRATEGIES, Strategy
+from cm3leon.decoding.selector import STRATEGIES, Strategy, sample_plan
 
 # Artifact paths inside a project (as dvc.yaml writes them).
 DEFAULTS = {
@@ -113,9 +113,8 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
 
 
 def _plan(args) -> list[Strategy]:
-    names = ["top_p", "cd_k"] * args.samples if args.strategy == "mix" else [args.strategy]
-    names = (names * args.samples)[: args.samples]
-    return [Strategy(n, args.cfg, args.temperature, args.top_p) for n in names]
+    settings = {"cfg_weight": args.cfg, "temperature": args.temperature, "top_p": args.top_p}
+    return sample_plan(args.strategy, args.samples, **settings)
 
 
 def _report(args, model, model_dir: Path, task: str, result: Generation) -> dict:

@@ -40,9 +40,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run, task_run
 
 from cm3leon.config import load_params
+from cm3leon.lineage.lineage import RUNS_FILE
 
 OUTPUT_TAIL_CHARS = 4000
-RUNS_FILE = Path(".lineage") / "prefect_runs.jsonl"
 OPENLINEAGE_PRODUCER = "https://github.com/cm3leon/cm3leon/flows/pipeline.py"
 OPENLINEAGE_SCHEMA = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
 

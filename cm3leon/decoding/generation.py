@@ -78,10 +78,11 @@ def generate(
     n = len(requests)
     cond_index = torch.arange(n, device=device)
     uncond_index = torch.tensor([uncond_row.get(i, i) for i in range(n)], device=device)
-    groups: dict[Strategy, torch.Tensor] = {}
+    with_uncond = torch.tensor(list(uncond_row), dtype=torch.long, device=device)  # (U,)
+    members: dict[Strategy, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault(r.strategy, []).append(i)
-    groups = {s: torch.tensor(rows_, device=device) for s, rows_ in groups.items()}
+        members.setdefault(r.strategy, []).append(i)
+    groups = {s: torch.tensor(rows_, device=device) for s, rows_ in members.items()}
     selector = TokenSelector(seed, device)
 
     cache = model.new_cache(len(rows), ids.shape[1] + max_new_tokens - 1) if use_cache else None
@@ -96,9 +97,9 @@ def generate(
         uncond = logits[uncond_index].float().masked_fill(~allowed, float("-inf"))
         scores = torch.empty_like(cond)
         greedy = torch.zeros(n, dtype=torch.bool, device=device)
-        for strategy, members in groups.items():
-            scores[members] = strategy.scores(cond[members], uncond[members])
-            greedy[members] = strategy.name == "greedy"
+        for strategy, rows_ in groups.items():
+            scores[rows_] = strategy.scores(cond[rows_], uncond[rows_])
+            greedy[rows_] = strategy.name == "greedy"
         token = selector(scores, greedy)  # (n,)
         token = torch.where(done, torch.full_like(token, vocab.pad), token)
         was_done = done.tolist()
@@ -113,8 +114,8 @@ def generate(
         run = torch.where(vocab.image_mask(token), run + 1, torch.zeros_like(run))
         if bool(done.all()) or position == max_new_tokens - 1:
             break  # nothing left to feed: the last token's logits are never needed
-        step = torch.cat([token, token[list(uncond_row)]]) if uncond_row else token  # (R,)
-        step_mask = torch.cat([~done, ~done[list(uncond_row)]]) if uncond_row else ~done
+        step = torch.cat([token, token[with_uncond]])  # (R,): each stream gets its request's token
+        step_mask = torch.cat([~done, ~done[with_uncond]])
         if use_cache:
             logits = model(step[:, None], kv_cache=cache, pad_mask=step_mask[:, None])[:, -1]
         else:

@@ -44,9 +44,8 @@ from cm3leon.tokenizers.tokens import read_tokens_manifest
 from cm3leon.tokenizers.vq_training import decode_codes, encode_images, load_vq
 from cm3leon.training.pretraining import load_decoder
 
-IMAGE_OUTPUT = {"text_to_image": "image", "grounding": "image", "editing": "target"}
-IMAGE_OUTPUT["segmentation"] = "mask"
-TEXT_OUTPUT = {"captioning": "caption", "vqa": "answer"}
+IMAGE_TASKS = ("text_to_image", "editing", "grounding", "segmentation")  # output: an image
+TEXT_TASKS = ("captioning", "vqa")  # output: text
 TEXT_QUERY = {"text_to_image": "caption", "grounding": "prompt"}  # retrieval/re-rank by text
 
 
@@ -157,10 +156,10 @@ class MultimodalModel:
 
     def constraint(self, task: str) -> tuple[ModalityConstraint, int]:
         vocab, grid = self.vocab, self.codec.image_tokens
-        if task in IMAGE_OUTPUT:
+        if task in IMAGE_TASKS:
             return ModalityConstraint(vocab, grid, "image", (vocab.eos,)), grid + 1
-        if task not in TEXT_OUTPUT:
-            raise ValueError(f"unknown task {task!r}; known: {[*IMAGE_OUTPUT, *TEXT_OUTPUT]}")
+        if task not in TEXT_TASKS:
+            raise ValueError(f"unknown task {task!r}; known: {[*IMAGE_TASKS, *TEXT_TASKS]}")
         stop = vocab.eos_span if (task == "captioning" and self.kind == "pretrain") else vocab.eos
         return ModalityConstraint(vocab, grid, "text", (stop,)), self.max_text_tokens
 
@@ -194,7 +193,7 @@ class MultimodalModel:
         for i, docs in enumerate(documents):
             samples = outputs[i * n : (i + 1) * n]
             results.append(Generation(task, samples, [s.name for s in strategies], 0, [], docs))
-        if task in IMAGE_OUTPUT:
+        if task in IMAGE_TASKS:
             self._finish_images(task, items, results, rerank)
         else:
             for r in results:

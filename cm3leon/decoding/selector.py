@@ -72,6 +72,12 @@ class Strategy:
         return top_p(temperature(guided))
 
 
+def sample_plan(name: str, samples: int, **settings) -> list[Strategy]:
+    """One :class:`Strategy` per sample; ``mix`` alternates top-p and CD-K (CM3Leon §3)."""
+    names = ["top_p", "cd_k"] * samples if name == "mix" else [name] * samples
+    return [Strategy(n, **settings) for n in names[:samples]]
+
+
 class TokenSelector:
     """Pick one token per row: argmax for ``greedy``, else a sample from ``softmax(scores)``."""
 

@@ -35,7 +35,7 @@ from cm3leon.data.shapeworld_parser import (
     truth_objects,
 )
 from cm3leon.decoding.multimodal import Generation, MultimodalModel, TaskInput
-from cm3leon.decoding.selector import Strategy
+from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.evaluation.metrics import (
     binarize_mask,
     caption_scores,
@@ -45,9 +45,6 @@ from cm3leon.evaluation.metrics import (
     vqa_accuracy,
 )
 from cm3leon.tokenizers.tokens import read_split, read_task_tokens
-
-IMAGE_TASKS = ("text_to_image", "editing", "grounding", "segmentation")
-TEXT_TASKS = ("captioning", "vqa")
 
 
 @dataclass
@@ -111,19 +108,16 @@ def _sample(rng: np.random.Generator, size: int, count: int) -> list[int]:
 def strategies(
     config: DecodingConfig, name: str, samples: int, cfg_weight: float
 ) -> list[Strategy]:
-    """One strategy per sample; ``mix`` alternates top-p and CD-K."""
-    names = ["top_p", "cd_k"] * samples if name == "mix" else [name] * samples
-    return [
-        Strategy(
-            n,
-            cfg_weight=cfg_weight,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            cd_alpha=config.cd_alpha,
-            cd_k=config.cd_k,
-        )
-        for n in names[:samples]
-    ]
+    """One strategy per sample (:func:`sample_plan`) with the config's sampling settings."""
+    return sample_plan(
+        name,
+        samples,
+        cfg_weight=cfg_weight,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        cd_alpha=config.cd_alpha,
+        cd_k=config.cd_k,
+    )
 
 
 def answer_strategy(config: DecodingConfig) -> list[Strategy]:
@@ -145,7 +139,8 @@ def score_text_to_image(
     generations = model.run("text_to_image", items, plan, retrieved, seed)
     metrics, records = judge_images(model, documents, generations, parser, "objects")
     if real_pixels is not None and model.retriever is not None:
-        metrics.update(feature_metrics(model, documents, generations, real_pixels))
+        generated = np.stack([r["image"] for r in records])
+        metrics.update(feature_metrics(model, documents, generated, real_pixels))
     return metrics, records, generations
 
 
@@ -188,9 +183,9 @@ def judge_images(
     return metrics, records
 
 
-def feature_metrics(model, documents, generations, real_pixels) -> dict[str, float]:
-    """FID and CLIPScore in the *dual encoder's* feature space (not Inception's)."""
-    generated = model.decode_ids([model.vocab.image_to_vocab(g.codes) for g in generations])
+def feature_metrics(model, documents, generated, real_pixels) -> dict[str, float]:
+    """FID and CLIPScore in the *dual encoder's* feature space (not Inception's), for the
+    ``(N, H, W, 3)`` images generated for ``documents``."""
     image_emb = model.retriever.embed_image(generated)
     real_emb = model.retriever.embed_image(real_pixels)
     texts = [model.vocab.vocab_to_text(model.codec.encode_text(d["caption"])) for d in documents]

@@ -27,7 +27,7 @@ import yaml
 
 PACKAGES = ("cm3leon", "torch", "deepspeed", "faiss-cpu", "tokenizers", "dvc", "prefect")
 CODE_PREFIXES = ("cm3leon/", "stages/", "flows/")
-RUNS_FILE = Path(".lineage") / "prefect_runs.jsonl"  # written by flows/pipeline.py
+RUNS_FILE = Path(".lineage") / "prefect_runs.jsonl"  # flows/pipeline.py appends, we read
 
 
 class LineageError(ValueError):

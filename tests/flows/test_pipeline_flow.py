@@ -45,18 +45,7 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
     root = make_project()
     add_downstream_stage(root)
     stages = flow_module.dvc_stages(Path(root))
-    assert [s["name"] for s in stages] == [
-        "prepare",
-        "validate",
-        "tokenize",
-        "index",
-        "pretrain",
-        "sft",
-        "pretrain_no_retrieval",
-        "evaluate",
-        "report",
-        "downstream",
-    ]
+    assert [s["name"] for s in stages] == [*ALL_STAGES, "downstream"]
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
 
 
