@@ -159,7 +159,11 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(inputs, tmp
     )
     deadline = time.time() + 240
     scratch = killed / "scratch"
-    while time.time() < deadline and not any(scratch.glob("*/step4")):
+    # DeepSpeed writes `latest` after the tag folder is complete: wait for the step-4 checkpoint
+    # to be whole (killing while `step4/` is still being written resumes from step 2, correctly)
+    while time.time() < deadline and not any(
+        int(f.read_text().strip().removeprefix("step") or 0) >= 4 for f in scratch.glob("*/latest")
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
