@@ -16,7 +16,10 @@ from pathlib import Path
 
 from cm3leon.cli_model import add_commands, run_command
 
-MODEL_COMMANDS = ("generate", "caption", "ask", "edit")
+FLOW_COMMANDS = {
+    "run": "run the DVC pipeline through the Prefect flow (see `cm3leon run --help`)",
+    "schedule": "serve the pipeline flow on a cron schedule (see `cm3leon schedule --help`)",
+}
 
 
 def find_project(start: Path | None = None) -> Path:
@@ -31,10 +34,11 @@ def find_project(start: Path | None = None) -> Path:
     )
 
 
-def _flow(args: list[str]) -> int:
+def _flow(command: str, args: list[str]) -> int:
+    """``flows/pipeline.py <command> --project <root> <args>``: its parser owns the options."""
     project = find_project()
     flow_file = str(project / "flows" / "pipeline.py")
-    return subprocess.call([sys.executable, flow_file, *args], cwd=project)
+    return subprocess.call([sys.executable, flow_file, command, "--project", str(project), *args])
 
 
 def _lineage(args: argparse.Namespace) -> int:
@@ -51,30 +55,22 @@ def _lineage(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the DVC pipeline through the Prefect flow")
-    run.add_argument("--stages", help="comma-separated stages to run, in DAG order (default: all)")
-    run.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
-    run.add_argument("--openlineage", help="append OpenLineage run events to this JSON-lines file")
-    schedule = sub.add_parser("schedule", help="serve the pipeline flow on a cron schedule")
-    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
-    schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
+    # `run` and `schedule` forward their options to flows/pipeline.py, whose parser (and --help)
+    # owns them: --stages, --force, --openlineage, --shard-runner, ...; --cron, --name.
+    for name, text in FLOW_COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
     add_commands(sub)
     lineage = sub.add_parser("lineage", help="where an artifact or generated sample came from")
     lineage.add_argument("path", help="any output of the pipeline, or an image the CLI wrote")
     lineage.add_argument("--json", action="store_true", help="print the record as JSON")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in FLOW_COMMANDS:
+        return _flow(args.command, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "lineage":
         return _lineage(args)
-    if args.command in MODEL_COMMANDS:
-        return run_command(args, find_project())
-    if args.command == "run":
-        extra = (["--stages", args.stages] if args.stages else []) + (
-            ["--force"] if args.force else []
-        )
-        if args.openlineage:
-            extra += ["--openlineage", str(Path(args.openlineage).absolute())]
-        return _flow(["run", *extra])
-    return _flow(["schedule", "--cron", args.cron, "--name", args.name])
+    return run_command(args, find_project())
 
 
 if __name__ == "__main__":

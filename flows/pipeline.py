@@ -13,15 +13,25 @@ stage's outputs — ``cm3leon lineage`` matches those hashes to name the run tha
 artifact. With ``--openlineage FILE`` the flow also appends OpenLineage run events (START, then
 COMPLETE or FAIL, per stage, inputs and outputs from ``dvc.yaml``/``dvc.lock``) to ``FILE``.
 
-Usage (from the project root; ``cm3leon run`` / ``cm3leon schedule`` call this file)::
+The data stages' shard runner (``--shard-runner serial|threads|dask|ray``, ``--shard-workers``,
+``--shard-address``, ``--batches-per-shard``; see ``flows/shards.py``) reaches the stages as
+``CM3LEON_SHARD_*`` variables, together with this flow's ``PREFECT_API_URL`` so their shard flow
+runs land on the same Prefect server. Unset options fall back to those variables.
+
+After each stage, its DVC metrics become a Prefect table artifact and each HTML file it writes
+(``reports/index.html``) a link artifact.
+
+Usage (``cm3leon run`` / ``cm3leon schedule`` call this file with ``--project``)::
 
     python flows/pipeline.py run [--stages prepare,validate] [--force] [--openlineage FILE]
+        [--shard-runner dask --shard-workers 8]
     python flows/pipeline.py schedule --cron "0 3 * * *"
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -36,11 +46,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import networkx as nx
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run, task_run
+from prefect.settings import get_current_settings
 
 from cm3leon.config import load_params
 from cm3leon.lineage.lineage import RUNS_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for flows/
+from flows.shards import RUNNERS, ShardSettings
 
 OUTPUT_TAIL_CHARS = 4000
 OPENLINEAGE_PRODUCER = "https://github.com/cm3leon/cm3leon/flows/pipeline.py"
@@ -158,15 +172,24 @@ def run_stage(
     project: str,
     force: bool = False,
     openlineage_file: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[dict]:
-    """Run one DVC stage; publish its metrics as a Prefect table artifact and record the run."""
+    """Run one DVC stage; publish its metrics and HTML outputs as Prefect artifacts and record
+    the run. ``env`` is added to the stage's environment (the shard runner's variables)."""
     logger = get_run_logger()
     run_id = str(task_run.id or uuid.uuid4())
     if openlineage_file:
         _append_jsonl(Path(openlineage_file), _openlineage_event("START", stage, run_id, project))
     cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
     logger.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        cmd,
+        cwd=project,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     for line in (proc.stdout + proc.stderr).splitlines():
         logger.info("%s | %s", stage, line)
     state = "COMPLETED" if proc.returncode == 0 else "FAILED"
@@ -189,13 +212,23 @@ def run_stage(
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-OUTPUT_TAIL_CHARS:]
         raise StageFailed(f"stage '{stage}' failed (exit {proc.returncode}):\n{tail}")
+    key = stage.replace("@", "-").replace("_", "-").lower()
     rows = _read_metrics([str(Path(project, m)) for m in metrics])
     if rows:
         create_table_artifact(
-            key=f"{stage.replace('@', '-').replace('_', '-').lower()}-metrics",
+            key=f"{key}-metrics",
             table=rows,
             description=f"DVC metrics of stage `{stage}` after this run",
         )
+    for path in outs:
+        page = Path(project, path)
+        if page.suffix == ".html" and page.is_file():
+            create_link_artifact(
+                key=f"{key}-html",
+                link=page.resolve().as_uri(),
+                link_text=path,
+                description=f"`{path}`, written by stage `{stage}` (opens offline)",
+            )
     return rows
 
 
@@ -205,10 +238,31 @@ def pipeline(
     stages: list[str] | None = None,
     force: bool = False,
     openlineage_file: str | None = None,
+    shard_runner: str | None = None,
+    shard_workers: int | None = None,
+    shard_address: str | None = None,
+    batches_per_shard: int | None = None,
 ) -> dict[str, list[dict]]:
-    """Run the DVC DAG (or the named stages, in DAG order) with per-stage retries."""
+    """Run the DVC DAG (or the named stages, in DAG order) with per-stage retries.
+
+    The ``shard_*`` options pick where the data stages encode/embed their shards
+    (``flows/shards.py``); an unset one keeps its ``CM3LEON_SHARD_*`` variable or default.
+    """
     root = Path(project).resolve()
     settings = load_params(root / "params.yaml").flow
+    given = {
+        "runner": shard_runner,
+        "workers": shard_workers,
+        "address": shard_address,
+        "batches_per_shard": batches_per_shard,
+    }
+    shards = dataclasses.replace(
+        ShardSettings.from_env(), **{k: v for k, v in given.items() if v is not None}
+    )
+    env = shards.environ()
+    api_url = get_current_settings().api.url
+    if api_url:  # the stages' shard flows report to this flow's server
+        env["PREFECT_API_URL"] = api_url
     dag = dvc_stages(root)
     known = [s["name"] for s in dag]
     if stages:
@@ -224,30 +278,46 @@ def pipeline(
     results = {}
     for stage in dag:
         results[stage["name"]] = stage_task(
-            stage["name"], stage["metrics"], str(root), force, openlineage_file
+            stage["name"], stage["metrics"], str(root), force, openlineage_file, env
         )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run or schedule the cm3leon DVC pipeline")
+    parser = argparse.ArgumentParser(
+        prog="cm3leon", description="Run or schedule the cm3leon DVC pipeline"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline once")
     run.add_argument("--stages", help="comma-separated stage names (default: all)")
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     run.add_argument("--openlineage", help="append OpenLineage run events to this JSON-lines file")
+    run.add_argument(
+        "--shard-runner",
+        choices=RUNNERS,
+        help="where tokenize/index encode their shards (default: $CM3LEON_SHARD_RUNNER or serial)",
+    )
+    run.add_argument("--shard-workers", type=int, help="workers of a local cluster / pool")
+    run.add_argument("--shard-address", help="an existing Dask scheduler or Ray cluster")
+    run.add_argument("--batches-per-shard", type=int, help="shard size in batches (default 4)")
     schedule = sub.add_parser("schedule", help="serve the flow on a cron schedule")
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
-    schedule.add_argument("--name", default="cm3leon-scheduled")
+    schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
+    for command in (run, schedule):
+        command.add_argument("--project", default=".", help="the project root (default: cwd)")
     args = parser.parse_args(argv)
-    project = os.getcwd()
+    project = str(Path(args.project).resolve())
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         state = pipeline(
             project=project,
             stages=stages,
             force=args.force,
-            openlineage_file=args.openlineage,
+            openlineage_file=str(Path(args.openlineage).resolve()) if args.openlineage else None,
+            shard_runner=args.shard_runner,
+            shard_workers=args.shard_workers,
+            shard_address=args.shard_address,
+            batches_per_shard=args.batches_per_shard,
             return_state=True,
         )
         return 0 if state.is_completed() else 1

@@ -7,6 +7,8 @@ Reads the corpus (`--corpus`) after the validation gate passed (`--validation`),
 `data` and `tokenize`. Writes the VQ tokenizer (`--vq-out`), the text tokenizer (`--text-out`),
 the tokens (`--tokens-out`), metrics (`--metrics`), the reconstruction grid (`--grid`: val
 originals above their reconstructions) and the VQ training curve with dvclive (`--live`).
+Image encoding runs on the executor the `CM3LEON_SHARD_*` variables choose (`flows/shards.py`;
+serial by default), with identical outputs on every executor.
 """
 
 import argparse
@@ -21,6 +23,9 @@ from cm3leon.artifacts import atomic_write_json, image_grid, write_png
 from cm3leon.config import ConfigError, load_params
 from cm3leon.data.corpus import CorpusError
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for flows/
+from flows.shards import ShardSettings, run_sharded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
+        shards = ShardSettings.from_env()
+        print(f"tokenize: encoding images on the {shards.runner} shard runner")
         gate = json.loads(Path(args.validation).read_text(encoding="utf-8"))
         if not gate.get("success"):
             raise CorpusError(f"{args.validation} says the corpus failed validation; fix it first")
@@ -52,15 +59,20 @@ def main(argv: list[str] | None = None) -> int:
                     live.log_metric(f"vq/{key}", value)
                 live.next_step()
 
-            result = tokenize_corpus(
-                args.corpus,
-                params.data,
-                params.tokenize,
-                params.base.seed,
-                args.vq_out,
-                args.text_out,
-                args.tokens_out,
-                on_log=log,
+            result = run_sharded(
+                "tokenize",
+                lambda executor: tokenize_corpus(
+                    args.corpus,
+                    params.data,
+                    params.tokenize,
+                    params.base.seed,
+                    args.vq_out,
+                    args.text_out,
+                    args.tokens_out,
+                    on_log=log,
+                    executor=executor,
+                ),
+                shards,
             )
     except (ConfigError, CorpusError, ValueError, FileNotFoundError) as err:
         print(f"tokenize: error: {err}", file=sys.stderr)

@@ -33,6 +33,7 @@ TINY_PARAMS = {
     "data": {"shapeworld": {"num_images": 120}, "shard_size": 50},
     "tokenize": {
         "text_vocab_size": 300,
+        "encode_batch_size": 16,  # several shards per split, for the shard-runner tests
         "vq": {"codebook_size": 32, "code_dim": 8, "channels": [16, 16]},
         "train": {"steps": 15, "batch_size": 8, "log_every": 5},
     },
@@ -46,6 +47,7 @@ TINY_PARAMS = {
         },
         "train": {"steps": 20, "batch_size": 32, "warmup_steps": 5, "log_every": 5},
         "eval_queries": 20,
+        "embed_batch_size": 16,
     },
     "sft": {
         "train": {
@@ -112,6 +114,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One throw-away Prefect server (and PREFECT_HOME) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture

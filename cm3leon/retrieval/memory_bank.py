@@ -16,8 +16,9 @@ Layout of ``data/retrieval/``: ``index.faiss``, ``bank.parquet`` (row, id),
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from cm3leon.retrieval.dual_encoder import (
 from cm3leon.retrieval.faiss_index import INDEX_FILE, build_index, save_index, search
 from cm3leon.retrieval.policy import drop_image_patches, drop_text_tokens, select_neighbors
 from cm3leon.retrieval.training import train_dual_encoder
+from cm3leon.shards import SERIAL, ShardExecutor, map_rows
 from cm3leon.tokenizers.tokens import check_tokens, read_split
 from cm3leon.tokenizers.vocab import Vocab
 
@@ -92,8 +94,13 @@ def build_memory_bank(
     retriever_dir: str | Path,
     retrieval_dir: str | Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    executor: ShardExecutor = SERIAL,
 ) -> dict[str, Any]:
-    """Run the index stage: writes ``retriever_dir`` and ``retrieval_dir``, returns metrics."""
+    """Run the index stage: writes ``retriever_dir`` and ``retrieval_dir``, returns metrics.
+
+    Every embedding (bank, neighbor queries, test metrics) runs in shards on ``executor``; the
+    artifacts are byte-identical whichever executor runs it (:mod:`cm3leon.shards`).
+    """
     vocab = Vocab.load(tokens_dir)
     tokens_manifest = check_tokens(tokens_dir, vocab)
     splits = {s: load_split(corpus_dir, tokens_dir, vocab, s) for s in ("train", "val", "test")}
@@ -113,9 +120,9 @@ def build_memory_bank(
         )
     fingerprint = save_dual_encoder(model, retriever_dir)
 
-    batch = config.embed_batch_size
-    bank_text = model.embed_text(bank_docs.captions, batch)
-    bank_image = model.embed_image(bank_docs.images, batch)
+    embed = Embedder(model, config.embed_batch_size, executor)
+    bank_text = embed.text(bank_docs.captions, "embed bank text")
+    bank_image = embed.image(bank_docs.images, "embed bank images")
     bank = combine(bank_text, bank_image)
     index = build_index(
         bank, config.factory, seed=seed, nprobe=config.nprobe, ef_search=config.ef_search
@@ -126,7 +133,7 @@ def build_memory_bank(
     for split in NEIGHBOR_SPLITS:
         docs = splits[split]
         rows += _neighbor_rows(
-            model, docs, split, index, bank, multimodal, config, rng, bank_docs.ids
+            embed, docs, split, index, bank, multimodal, config, rng, bank_docs.ids
         )
     with atomic_dir(retrieval_dir) as tmp:
         save_index(index, tmp / INDEX_FILE)
@@ -147,7 +154,7 @@ def build_memory_bank(
                 "policy": config.policy.__dict__,
             },
         )
-    metrics = _retrieval_metrics(model, splits, bank_image, bank_docs, data_config, config, rng)
+    metrics = _retrieval_metrics(embed, splits, bank_image, bank_docs, data_config, config, rng)
     metrics["bank_size"] = len(bank)
     metrics["mean_neighbors"] = (
         float(np.mean([len(r["neighbor_ids"]) for r in rows])) if rows else 0.0
@@ -155,6 +162,29 @@ def build_memory_bank(
     scores = [s for r in rows for s in r["neighbor_scores"]]
     metrics["mean_neighbor_score"] = float(np.mean(scores)) if scores else 0.0
     return metrics
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """The dual encoder's ``embed_text`` / ``embed_image``, run in shards on an executor."""
+
+    model: DualEncoder
+    batch_size: int
+    executor: ShardExecutor = SERIAL
+
+    def text(self, texts: Sequence[Sequence[int]], name: str = "embed text") -> np.ndarray:
+        fn = partial(DualEncoder.embed_text, self.model, batch_size=self.batch_size)
+        return map_rows(name, fn, texts, self.batch_size, self.executor)
+
+    def image(self, images: np.ndarray, name: str = "embed images") -> np.ndarray:
+        fn = partial(DualEncoder.embed_image, self.model, batch_size=self.batch_size)
+        return map_rows(name, fn, images, self.batch_size, self.executor)
+
+    def document(self, texts, images: np.ndarray, name: str = "embed documents") -> np.ndarray:
+        """As :meth:`DualEncoder.embed_document`: the normalized mean of both embeddings."""
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} images")
+        return combine(self.text(texts, f"{name} text"), self.image(images, f"{name} images"))
 
 
 def _check_retriever(model: DualEncoder, vocab: Vocab, data_config: DataConfig) -> None:
@@ -167,14 +197,14 @@ def _check_retriever(model: DualEncoder, vocab: Vocab, data_config: DataConfig) 
 
 
 def _neighbor_rows(
-    model, docs: SplitDocuments, split, index, bank, multimodal, config, rng, bank_ids
+    embed: Embedder, docs: SplitDocuments, split, index, bank, multimodal, config, rng, bank_ids
 ):
     if not docs.ids:
         return []
     policy = config.policy
     texts = [drop_text_tokens(c, policy.query_dropout, rng) for c in docs.captions]
     images = drop_image_patches(docs.images, policy.query_dropout, rng)
-    queries = model.embed_document(texts, images, config.embed_batch_size)
+    queries = embed.document(texts, images, f"embed {split} queries")
     scores, candidates = search(index, queries, policy.candidates + 1)
     self_rows = {doc_id: row for row, doc_id in enumerate(bank_ids)} if split == "train" else {}
     rows = []
@@ -193,13 +223,13 @@ def _neighbor_rows(
     return rows
 
 
-def _retrieval_metrics(model, splits, bank_image, bank_docs, data_config, config, rng) -> dict:
+def _retrieval_metrics(embed, splits, bank_image, bank_docs, data_config, config, rng) -> dict:
     test = splits["test"]
     metrics: dict[str, Any] = {}
     if not test.ids:
         return metrics
-    text = model.embed_text(test.captions, config.embed_batch_size)
-    image = model.embed_image(test.images, config.embed_batch_size)
+    text = embed.text(test.captions, "embed test text")
+    image = embed.image(test.images, "embed test images")
     keys = [tuple(sorted(map(tuple, p))) for p in test.paraphrases]
     for name, queries, items in (("text_to_image", text, image), ("image_to_text", image, text)):
         ranking = np.argsort(-(queries @ items.T), axis=1, kind="stable")
@@ -208,14 +238,12 @@ def _retrieval_metrics(model, splits, bank_image, bank_docs, data_config, config
             metrics[f"{name}_recall@{k}"] = float(np.mean(hits))
     if data_config.source == "shapeworld" and all(o is not None for o in test.objects):
         metrics.update(
-            _attribute_precision(model, test, text, bank_image, bank_docs, data_config, config, rng)
+            _attribute_precision(test, text, bank_image, bank_docs, data_config, config, rng)
         )
     return metrics
 
 
-def _attribute_precision(
-    model, test, text, bank_image, bank_docs, data_config, config, rng
-) -> dict:
+def _attribute_precision(test, text, bank_image, bank_docs, data_config, config, rng) -> dict:
     """Share of top-5 bank images (text->image) the parser reads as exactly the query's scene."""
     parser = ShapeWorldParser.from_config(data_config.shapeworld, data_config.image_size)
     count = min(config.eval_queries, len(test.ids))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cm3leon.data.shapeworld_parser import (
     compare_scene,
     truth_objects,
 )
+from cm3leon.shards import SERIAL, ShardExecutor, map_rows
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import save_text_tokenizer, train_text_tokenizer
 from cm3leon.tokenizers.tokens import write_tokens
@@ -65,8 +67,13 @@ def tokenize_corpus(
     text_dir: str | Path,
     tokens_dir: str | Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    executor: ShardExecutor = SERIAL,
 ) -> TokenizeResult:
-    """Run the whole tokenize stage; writes ``vq_dir``, ``text_dir`` and ``tokens_dir``."""
+    """Run the whole tokenize stage; writes ``vq_dir``, ``text_dir`` and ``tokens_dir``.
+
+    Image encoding (documents, edit targets, masks) runs in shards on ``executor``; the
+    artifacts are byte-identical whichever executor runs it (:mod:`cm3leon.shards`).
+    """
     docs = {s: read_documents(corpus_dir, DOCUMENT_COLUMNS, split=s) for s in SPLITS}
     images = {s: decode_images(t) if t.num_rows else None for s, t in docs.items()}
     if images["train"] is None:
@@ -94,9 +101,10 @@ def tokenize_corpus(
     )
     codec = DocumentCodec(vocab, text_tokenizer, image_tokens=side * side)
 
-    codes = {s: _encode(model, images[s], config, s) for s in SPLITS}
+    encode = partial(_encode, model, config.encode_batch_size, executor)
+    codes = {s: encode(images[s], f"encode {s}") for s in SPLITS}
     documents = {s: _document_rows(docs[s], codes[s], codec) for s in SPLITS}
-    tasks = _task_rows(corpus_dir, model, codec, config, data_config.image_size)
+    tasks = _task_rows(corpus_dir, encode, codec, data_config.image_size)
     manifest = write_tokens(
         tokens_dir,
         documents,
@@ -114,6 +122,7 @@ def tokenize_corpus(
         docs[eval_split],
         data_config,
         config,
+        encode,
     )
     metrics["evaluated_on"] = eval_split  # type: ignore[assignment]
     shown = min(config.grid_examples, len(images[eval_split]))
@@ -155,10 +164,14 @@ def _stack(raws: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _encode(model: VQModel, images, config: TokenizeConfig, split: str) -> np.ndarray | None:
+def _encode(
+    model: VQModel, batch_size: int, executor: ShardExecutor, images, desc: str
+) -> np.ndarray | None:
+    """``(N, H, W, 3)`` images -> ``(N, h*w)`` codes, in shards on ``executor``."""
     if images is None:
         return None
-    return encode_images(model, images, config.encode_batch_size, desc=f"encode {split}")
+    fn = partial(encode_images, model, batch_size=batch_size, desc=desc)
+    return map_rows(desc, fn, images, batch_size, executor)
 
 
 def _document_rows(table, codes, codec: DocumentCodec) -> list[dict[str, Any]]:
@@ -180,14 +193,14 @@ def _document_rows(table, codes, codec: DocumentCodec) -> list[dict[str, Any]]:
     return rows
 
 
-def _task_rows(corpus_dir, model, codec: DocumentCodec, config: TokenizeConfig, image_size: int):
+def _task_rows(corpus_dir, encode, codec: DocumentCodec, image_size: int):
     tables = {name: read_task_table(corpus_dir, name).to_pylist() for name in TASK_NAMES}
     text = codec.encode_text
     shape = (image_size, image_size)
     edit_images = _stack([r["target_image"] for r in tables["edits"]], (*shape, 3))
     mask_images = _mask_rgb(_stack([r["mask"] for r in tables["segmentation"]], shape))
-    edit_codes = encode_images(model, edit_images, config.encode_batch_size, desc="encode edits")
-    mask_codes = encode_images(model, mask_images, config.encode_batch_size, desc="encode masks")
+    edit_codes = encode(edit_images, "encode edits")
+    mask_codes = encode(mask_images, "encode masks")
     return {
         "vqa": [
             {**r, "question_ids": text(r["question"]), "answer_ids": text(r["answer"])}
@@ -219,7 +232,7 @@ def _task_rows(corpus_dir, model, codec: DocumentCodec, config: TokenizeConfig, 
 
 
 def _val_metrics(
-    model, images, codes, masks, table, data_config: DataConfig, config: TokenizeConfig
+    model, images, codes, masks, table, data_config: DataConfig, config: TokenizeConfig, encode
 ):
     reconstructions = decode_codes(model, codes, config.encode_batch_size)
     metrics: dict[str, Any] = {
@@ -228,9 +241,7 @@ def _val_metrics(
         "images": len(images),
     }
     if masks is not None:
-        mask_codes = encode_images(
-            model, _mask_rgb(masks), config.encode_batch_size, desc="encode masks"
-        )
+        mask_codes = encode(_mask_rgb(masks), "encode val masks")
         metrics["mask_iou"] = mask_iou(
             masks, decode_codes(model, mask_codes, config.encode_batch_size)
         )

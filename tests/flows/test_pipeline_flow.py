@@ -2,16 +2,16 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from cm3leon.lineage.lineage import trace
 
-from conftest import ROOT, add_downstream_stage, corrupt_corpus, dvc
+from conftest import ROOT, add_downstream_stage, corrupt_corpus, dvc, project_env
 
 
 def load_flow_module():
@@ -23,9 +23,8 @@ def load_flow_module():
 
 
 @pytest.fixture(scope="module")
-def flow_module():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield load_flow_module()
+def flow_module(prefect_server):
+    return load_flow_module()
 
 
 ALL_STAGES = [
@@ -85,6 +84,95 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     assert outputs["models/sft"] == sft_out["models/sft"]
     assert "models/pretrain" in {i["name"] for i in complete["inputs"]}
     assert all(e["run"]["runId"] for e in events) and all(e["schemaURL"] for e in events)
+    # the report is linked as a Prefect artifact
+    (link,) = read_artifacts("report-html")
+    assert link.type == "markdown" and (root / "reports/index.html").as_uri() in link.data
+
+
+def read_artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def artifact_hashes(root: Path, stage: str) -> dict[str, str]:
+    """dvc.lock hashes of a stage's declared outputs (not its metrics and plots, which hold
+    wall times)."""
+    declared = yaml.safe_load((root / "dvc.yaml").read_text())["stages"][stage]["outs"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"][stage]["outs"]
+    return {o["path"]: o["md5"] for o in lock if o["path"] in declared}
+
+
+def test_data_stages_on_dask_reproduce_the_serial_hashes(make_project, flow_module):
+    """tokenize and index rerun through the flow with their shards on a real Dask cluster
+    write byte-identical artifacts (dvc.lock hashes) to the serial run's."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    root = make_project()
+    dvc("repro", "index", cwd=root)  # serial: no CM3LEON_SHARD_* variables
+    serial = {stage: artifact_hashes(root, stage) for stage in ("tokenize", "index")}
+    assert [len(hashes) for hashes in serial.values()] == [3, 2]
+    state = flow_module.pipeline(
+        project=str(root),
+        stages=["tokenize", "index"],
+        force=True,
+        shard_runner="dask",
+        shard_workers=2,
+        batches_per_shard=1,
+        return_state=True,
+    )
+    assert state.is_completed()
+    assert {stage: artifact_hashes(root, stage) for stage in serial} == serial
+    # each stage ran as one flow run on Dask, every shard a completed task run of it
+    with get_client(sync_client=True) as client:
+        for stage in ("tokenize", "index"):
+            (run,) = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[f"cm3leon-{stage}"]))
+            )
+            assert run.name == f"{stage} on dask (2 workers)"
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+            assert len(tasks) > 5 and {t.state.type.value for t in tasks} == {"COMPLETED"}
+
+
+def test_cm3leon_run_hands_its_options_to_the_flow(make_project, prefect_server):
+    """`cm3leon run` forwards every option to flows/pipeline.py (whose parser owns them) and
+    resolves paths from where it was called."""
+    from prefect.settings import get_current_settings
+
+    root = make_project()
+    env = {**project_env(), "PREFECT_API_URL": get_current_settings().api.url}
+
+    def cli(*args, cwd=root):
+        command = [sys.executable, "-m", "cm3leon.cli", *args]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+    shown = cli("run", "--help")
+    assert shown.returncode == 0 and "--shard-runner {serial,threads,dask,ray}" in shown.stdout
+    bad = cli("run", "--shard-runner", "spark")
+    assert bad.returncode == 2 and "invalid choice: 'spark'" in bad.stderr
+    done = cli(
+        "run", "--stages", "prepare,validate", "--openlineage", "events.jsonl", cwd=root / "data"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in (root / "data/events.jsonl").open()]
+    assert [e["job"]["name"] for e in events] == ["prepare", "prepare", "validate", "validate"]
+    runs = [json.loads(line) for line in (root / ".lineage/prefect_runs.jsonl").open()]
+    assert [(r["stage"], r["state"]) for r in runs] == [
+        ("prepare", "COMPLETED"),
+        ("validate", "COMPLETED"),
+    ]
 
 
 def test_flow_rejects_unknown_stage_names(make_project, flow_module):

@@ -1,0 +1,196 @@
+"""Prefect task runners for the data stages' shards: encode/embed in parallel (DESIGN.md §11).
+
+The ``tokenize`` stage's image encoding and the ``index`` stage's embeddings are cut into shards
+of whole batches by the library (:mod:`cm3leon.shards`); this module runs those shards as
+mapped Prefect tasks on a task runner chosen at launch time, never in ``params.yaml``: where
+work runs cannot change what it computes (the artifacts are byte-identical to the serial path,
+which the tests check), so it must not make DVC rerun a stage either.
+
+Environment (read by ``stages/tokenize_corpus.py`` and ``stages/index.py``; ``cm3leon run
+--shard-runner ...`` and the Prefect deployments set it for the stages they launch):
+
+- ``CM3LEON_SHARD_RUNNER``: ``serial`` (default: in-process, no Prefect), ``threads``
+  (Prefect's ``ThreadPoolTaskRunner``), ``dask`` (``prefect_dask.DaskTaskRunner``) or ``ray``
+  (``prefect_ray.RayTaskRunner``, the ``ray`` extra);
+- ``CM3LEON_SHARD_WORKERS``: workers of the local Dask cluster / Ray instance / thread pool
+  (default: the CPU count);
+- ``CM3LEON_SHARD_ADDRESS``: an existing Dask scheduler (``tcp://host:8786``) or Ray cluster
+  (``ray://host:10001``) to use instead of a local one — workers need ``cm3leon`` installed
+  and the data paths readable;
+- ``CM3LEON_BATCHES_PER_SHARD``: batches per shard (default 4): scheduling granularity only.
+
+A stage's work then runs as one Prefect flow run (``cm3leon-tokenize``, ``cm3leon-index``) on
+that task runner — one cluster per stage — with one task run per shard, named after the work
+(``encode-train``, ``embed-bank-images``, ...), on the API the stage sees (``PREFECT_API_URL``,
+which ``cm3leon run`` passes on; otherwise Prefect's temporary local server).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from cm3leon.shards import SERIAL, ShardExecutor, apply_shard
+
+RUNNERS = ("serial", "threads", "dask", "ray")
+ENV_RUNNER = "CM3LEON_SHARD_RUNNER"
+ENV_WORKERS = "CM3LEON_SHARD_WORKERS"
+ENV_ADDRESS = "CM3LEON_SHARD_ADDRESS"
+ENV_BATCHES = "CM3LEON_BATCHES_PER_SHARD"
+T = TypeVar("T")
+
+
+class ShardSettingsError(ValueError):
+    """A ``CM3LEON_SHARD_*`` variable is invalid, or its runner's package is missing."""
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Which task runner runs the shards, with how many workers, on which cluster."""
+
+    runner: str = "serial"
+    workers: int = max(1, os.cpu_count() or 1)
+    address: str | None = None
+    batches_per_shard: int = 4
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ShardSettingsError(
+                f"{ENV_RUNNER}={self.runner!r} is not one of {', '.join(RUNNERS)}"
+            )
+        if self.workers < 1:
+            raise ShardSettingsError(f"{ENV_WORKERS}={self.workers} must be >= 1")
+        if self.batches_per_shard < 1:
+            raise ShardSettingsError(f"{ENV_BATCHES}={self.batches_per_shard} must be >= 1")
+        if self.address and self.runner not in ("dask", "ray"):
+            raise ShardSettingsError(
+                f"{ENV_ADDRESS} is set but {ENV_RUNNER}={self.runner!r}; only dask and ray "
+                "connect to a cluster"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ShardSettings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+        return cls(
+            runner=env.get(ENV_RUNNER, "").strip() or defaults.runner,
+            workers=_int(env, ENV_WORKERS, defaults.workers),
+            address=env.get(ENV_ADDRESS, "").strip() or None,
+            batches_per_shard=_int(env, ENV_BATCHES, defaults.batches_per_shard),
+        )
+
+    def environ(self) -> dict[str, str]:
+        """These settings as the variables :meth:`from_env` reads (for a child process)."""
+        env = {
+            ENV_RUNNER: self.runner,
+            ENV_WORKERS: str(self.workers),
+            ENV_BATCHES: str(self.batches_per_shard),
+        }
+        if self.address:
+            env[ENV_ADDRESS] = self.address
+        return env
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ShardSettingsError(f"{key}={raw!r} is not an integer") from None
+
+
+def task_runner(settings: ShardSettings) -> Any:
+    """The Prefect task runner for ``settings`` (not for ``serial``, which uses no Prefect)."""
+    if settings.runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=settings.workers)
+    if settings.runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ShardSettingsError(
+                f"{ENV_RUNNER}=dask needs prefect-dask: pip install prefect-dask"
+            ) from None
+        if settings.address:
+            return DaskTaskRunner(address=settings.address)
+        # One single-threaded process per worker: Dask's nanny also pins OMP/MKL threads to 1.
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": settings.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+            }
+        )
+    if settings.runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ShardSettingsError(
+                f"{ENV_RUNNER}=ray needs prefect-ray: pip install -e '.[ray]'"
+            ) from None
+        if settings.address:
+            return RayTaskRunner(address=settings.address)
+        return RayTaskRunner(init_kwargs={"num_cpus": settings.workers})
+    raise ShardSettingsError(f"the {settings.runner!r} runner has no Prefect task runner")
+
+
+def run_sharded(
+    name: str, work: Callable[[ShardExecutor], T], settings: ShardSettings | None = None
+) -> T:
+    """``work(executor)`` with the executor ``settings`` (default: the environment) ask for.
+
+    ``serial`` calls ``work(SERIAL)`` directly, without Prefect. Any other runner runs ``work``
+    as one Prefect flow run (``cm3leon-<name>``) on that task runner, so a stage starts one
+    cluster, and every shard map inside it becomes mapped task runs of that flow run.
+    """
+    settings = ShardSettings.from_env() if settings is None else settings
+    if settings.runner == "serial":
+        return work(SERIAL)
+    from prefect import flow, task, unmapped
+    from prefect.cache_policies import NO_CACHE
+
+    runner = task_runner(settings)
+    # Results come straight back from the runner; nothing is cached or persisted.
+    shard_task = task(apply_shard, cache_policy=NO_CACHE, persist_result=False)
+
+    def map_in_flow(label: str, fn: Callable[[Any], Any], payloads: list[Any]) -> list[Any]:
+        named = shard_task.with_options(name=label.replace(" ", "-"))
+        return named.map(fn=unmapped(fn), payload=payloads).result()
+
+    executor = ShardExecutor(
+        name=settings.runner, map=map_in_flow, batches_per_shard=settings.batches_per_shard
+    )
+
+    sharded = flow(
+        _call_work,
+        name=f"cm3leon-{name}",
+        flow_run_name=f"{name} on {settings.runner} "
+        + (f"at {settings.address}" if settings.address else f"({settings.workers} workers)"),
+        task_runner=runner,
+        persist_result=False,
+        validate_parameters=False,
+    )
+    token = _WORK.set(partial(work, executor))
+    try:
+        return sharded()
+    finally:
+        _WORK.reset(token)
+
+
+# The flow's work is handed over out of band. Task runners ship the flow object (and its
+# parameters) to every worker with each task; a closure over the stage's state (its dvclive
+# logger, the corpus) would be pickled with it, or fail to pickle. ``_call_work`` pickles by
+# reference instead: workers need this module importable (the project root on their path).
+_WORK: ContextVar[Callable[[], Any]] = ContextVar("cm3leon_shard_work")
+
+
+def _call_work() -> Any:
+    """The body of a stage's shard flow: the work :func:`run_sharded` set for this call."""
+    return _WORK.get()()
