@@ -48,13 +48,12 @@ import networkx as nx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.runtime import flow_run, task_run
-from prefect.settings import get_current_settings
 
 from cm3leon.config import load_params
 from cm3leon.lineage.lineage import RUNS_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for flows/
-from flows.shards import RUNNERS, ShardSettings
+from flows.shards import RUNNERS, ShardSettings, shared_api_url
 
 OUTPUT_TAIL_CHARS = 4000
 OPENLINEAGE_PRODUCER = "https://github.com/cm3leon/cm3leon/flows/pipeline.py"
@@ -260,7 +259,7 @@ def pipeline(
         ShardSettings.from_env(), **{k: v for k, v in given.items() if v is not None}
     )
     env = shards.environ()
-    api_url = get_current_settings().api.url
+    api_url = shared_api_url()
     if api_url:  # the stages' shard flows report to this flow's server
         env["PREFECT_API_URL"] = api_url
     dag = dvc_stages(root)

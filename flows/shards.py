@@ -28,7 +28,8 @@ which ``cm3leon run`` passes on; otherwise Prefect's temporary local server).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -168,6 +169,7 @@ def run_sharded(
         name=settings.runner, map=map_in_flow, batches_per_shard=settings.batches_per_shard
     )
 
+    url = shared_api_url()
     sharded = flow(
         _call_work,
         name=f"cm3leon-{name}",
@@ -179,9 +181,49 @@ def run_sharded(
     )
     token = _WORK.set(partial(work, executor))
     try:
-        return sharded()
+        with _api_url_for_workers(url):
+            return sharded()
     finally:
         _WORK.reset(token)
+
+
+def shared_api_url() -> str | None:
+    """The Prefect API this process reports to, for processes it starts to report to as well.
+
+    ``PREFECT_API_URL`` when set. Otherwise Prefect runs a temporary local server on first use
+    in each process: every Dask or Ray worker would start a throw-away server of its own (for
+    its logs and events; measured: three servers for a two-worker cluster), and a stage that
+    ``dvc repro`` launches would record its flow runs on one the flow never sees. So this starts
+    this process's temporary server now (the very one Prefect's client would start) and returns
+    its address. ``None`` when there is no server and temporary ones are disabled.
+    """
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+
+    url = get_current_settings().api.url
+    if url or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # a per-process singleton: the client's own server
+    server.start()
+    return server.api_url
+
+
+@contextmanager
+def _api_url_for_workers(url: str | None) -> Iterator[None]:
+    """``PREFECT_API_URL=url`` in the environment that worker processes inherit, meanwhile."""
+    if url is None or os.environ.get("PREFECT_API_URL") == url:
+        yield
+        return
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PREFECT_API_URL"]
+        else:
+            os.environ["PREFECT_API_URL"] = previous
 
 
 # The flow's work is handed over out of band. Task runners ship the flow object (and its

@@ -2,6 +2,8 @@
 results byte-identical to the serial path; bad settings and failing shards are loud."""
 
 import importlib.util
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -15,6 +17,8 @@ from cm3leon.shards import SERIAL, map_rows, shard_bounds
 from cm3leon.tokenizers.vq import VQModel
 from cm3leon.tokenizers.vq_training import encode_images
 from flows.shards import ShardSettings, ShardSettingsError, run_sharded
+
+from conftest import ROOT, project_env
 
 ROWS, BATCH, BATCHES_PER_SHARD = 37, 4, 2  # 5 shards per map: 8 + 8 + 8 + 8 + 5 rows
 
@@ -87,6 +91,52 @@ def test_parallel_shards_equal_the_serial_path(runner, work, prefect_server):
     # every shard of the three maps ran as a task run of the stage's one flow run
     shards = len(shard_bounds(ROWS, BATCH, BATCHES_PER_SHARD))
     assert task_run_states(parallel["flow_run_id"]) == ["COMPLETED"] * (3 * shards)
+
+
+TEMPORARY_SERVER_SCRIPT = """
+from functools import partial
+
+import numpy as np
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.runtime import flow_run
+
+from cm3leon.shards import map_rows
+from flows.shards import ShardSettings, run_sharded
+
+
+def work(executor):
+    doubled = map_rows("double", partial(np.multiply, 2), np.arange(40), 4, executor)
+    return doubled, flow_run.id
+
+
+if __name__ == "__main__":
+    doubled, run_id = run_sharded("t", work, ShardSettings("dask", 2, None, 1))
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=this_run)
+    print("RESULT", doubled.tolist() == list(range(0, 80, 2)), len(runs))
+"""
+
+
+def test_dask_workers_report_to_the_temporary_server_of_their_stage(tmp_path):
+    """With no Prefect server configured, a stage starts one temporary server, its Dask
+    workers use it (rather than each starting a server of its own), and every shard's task run
+    is recorded there."""
+    script = tmp_path / "stage.py"
+    script.write_text(TEMPORARY_SERVER_SCRIPT)
+    env = {k: v for k, v in project_env().items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RESULT True 10" in done.stdout  # 40 rows in shards of 4: 10 task runs, all seen
+    assert (done.stdout + done.stderr).count("Starting temporary server") == 1
 
 
 def explode_on_row(bad: int, rows: np.ndarray) -> np.ndarray:
