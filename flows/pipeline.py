@@ -53,7 +53,7 @@ from cm3leon.config import load_params
 from cm3leon.lineage.lineage import RUNS_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for flows/
-from flows.shards import RUNNERS, ShardSettings, shared_api_url
+from flows.shards import ENV_RUNNER, RUNNERS, ShardSettings, shared_api_url
 
 OUTPUT_TAIL_CHARS = 4000
 OPENLINEAGE_PRODUCER = "https://github.com/cm3leon/cm3leon/flows/pipeline.py"
@@ -179,12 +179,16 @@ def run_stage(
     run_id = str(task_run.id or uuid.uuid4())
     if openlineage_file:
         _append_jsonl(Path(openlineage_file), _openlineage_event("START", stage, run_id, project))
-    cmd = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    # This interpreter's DVC, and its folder first on PATH so the stages' `python` is this
+    # environment's even when it was never activated.
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] if force else [])]
+    cmd.append(stage)
     logger.info("running %s", " ".join(cmd))
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     proc = subprocess.run(
         cmd,
         cwd=project,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PATH": path, **(env or {})},
         capture_output=True,
         text=True,
         check=False,
@@ -202,6 +206,7 @@ def run_stage(
             "flow_run_id": str(flow_run.id),
             "flow_run_name": flow_run.name,
             "task_run_id": run_id,
+            "shard_runner": (env or {}).get(ENV_RUNNER, "serial"),
             "outs": outs,
         },
     )

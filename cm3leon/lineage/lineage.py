@@ -5,8 +5,9 @@ their values, and the hash of every dependency and output. :func:`trace` joins t
 into a chain for any artifact path: the stage whose output holds the path, its command and
 params, and each input — code with its hash, data with the chain of the stage that produced
 it, recursively, down to source data no stage produces. Each stage in the chain names the
-Prefect flow run that produced its output when the flow's record
-(``.lineage/prefect_runs.jsonl``) holds the output hash that ``dvc.lock`` holds. The record adds
+Prefect flow run that produced its output (with its state and the data stages' shard runner)
+when the flow's record (``.lineage/prefect_runs.jsonl``) holds the output hash that
+``dvc.lock`` holds; identical bytes made by several runs name the latest. The record adds
 the git commit (and whether the working tree was dirty), the versions of the packages that
 shape results, and, for a generated sample, the memory-bank documents retrieved for it: from
 the ``manifest.json`` beside an evaluate-stage image, or from the ``<output>.json`` sidecar the
@@ -89,7 +90,7 @@ def _producing_run(runs: list[dict], stage: str, output: str, md5: str | None) -
     """The latest completed Prefect run of ``stage`` that left exactly this output hash."""
     if md5 is None:
         return None
-    keep = ("flow_run_id", "flow_run_name", "task_run_id", "state", "finished")
+    keep = ("flow_run_id", "flow_run_name", "task_run_id", "state", "finished", "shard_runner")
     for run in reversed(runs):
         done = run["stage"] == stage and run["state"] == "COMPLETED"
         if done and run.get("outs", {}).get(output) == md5:
@@ -222,6 +223,7 @@ def _format_node(node: dict[str, Any], lines: list[str], depth: int) -> None:
         lines.append(
             f"{pad}   prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
             f"task run {run['task_run_id']}: {run['state']} at {run['finished']}"
+            + (f", shard runner {run['shard_runner']}" if run.get("shard_runner") else "")
         )
     else:
         lines.append(f"{pad}   prefect: no flow run left this output (run with plain dvc repro)")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cm3leon.lineage.lineage import trace
+from cm3leon.lineage.lineage import format_lineage, trace
 
 from conftest import ROOT, add_downstream_stage, corrupt_corpus, dvc, project_env
 
@@ -133,6 +133,10 @@ def test_data_stages_on_dask_reproduce_the_serial_hashes(make_project, flow_modu
     )
     assert state.is_completed()
     assert {stage: artifact_hashes(root, stage) for stage in serial} == serial
+    record = trace(root, "data/tokens")["artifact"]["prefect_run"]  # lineage names the runner
+    assert record["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert record["shard_runner"] == "dask"
+    assert "shard runner dask" in format_lineage(trace(root, "data/retrieval"))
     # each stage ran as one flow run on Dask, every shard a completed task run of it
     with get_client(sync_client=True) as client:
         for stage in ("tokenize", "index"):
