@@ -15,8 +15,8 @@ Environment (read by ``stages/tokenize_corpus.py`` and ``stages/index.py``; ``cm
 - ``CM3LEON_SHARD_WORKERS``: workers of the local Dask cluster / Ray instance / thread pool
   (default: the CPU count);
 - ``CM3LEON_SHARD_ADDRESS``: an existing Dask scheduler (``tcp://host:8786``) or Ray cluster
-  (``ray://host:10001``) to use instead of a local one — workers need ``cm3leon`` installed
-  and the data paths readable;
+  (``ray://host:10001``) to use instead of a local one — workers need ``cm3leon`` installed,
+  this project's root on their path (they import ``flows.shards``) and the data readable;
 - ``CM3LEON_BATCHES_PER_SHARD``: batches per shard (default 4): scheduling granularity only.
 
 A stage's work then runs as one Prefect flow run (``cm3leon-tokenize``, ``cm3leon-index``) on
@@ -27,6 +27,7 @@ which ``cm3leon run`` passes on; otherwise Prefect's temporary local server).
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -113,12 +114,7 @@ def task_runner(settings: ShardSettings) -> Any:
 
         return ThreadPoolTaskRunner(max_workers=settings.workers)
     if settings.runner == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise ShardSettingsError(
-                f"{ENV_RUNNER}=dask needs prefect-dask: pip install prefect-dask"
-            ) from None
+        DaskTaskRunner = _runner_class("prefect_dask", "DaskTaskRunner", "pip install prefect-dask")
         if settings.address:
             return DaskTaskRunner(address=settings.address)
         # One single-threaded process per worker: Dask's nanny also pins OMP/MKL threads to 1.
@@ -130,16 +126,22 @@ def task_runner(settings: ShardSettings) -> Any:
             }
         )
     if settings.runner == "ray":
-        try:
-            from prefect_ray import RayTaskRunner
-        except ImportError:
-            raise ShardSettingsError(
-                f"{ENV_RUNNER}=ray needs prefect-ray: pip install -e '.[ray]'"
-            ) from None
+        RayTaskRunner = _runner_class("prefect_ray", "RayTaskRunner", "pip install -e '.[ray]'")
         if settings.address:
             return RayTaskRunner(address=settings.address)
         return RayTaskRunner(init_kwargs={"num_cpus": settings.workers})
     raise ShardSettingsError(f"the {settings.runner!r} runner has no Prefect task runner")
+
+
+def _runner_class(module: str, name: str, install: str) -> Any:
+    """``module.name``, or an error saying which package the chosen runner needs."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        package = module.replace("_", "-")
+        raise ShardSettingsError(
+            f"{ENV_RUNNER} asks for {name}, which needs {package}: {install}"
+        ) from None
 
 
 def run_sharded(
