@@ -65,7 +65,7 @@ def make_prompts(
     Conditional: ``<bos> context caption <break>``, ``prompt_len`` tokens, with the retrieved
     context and the caption random text ids; unconditional: the same context with the caption
     replaced by the CM3 mask, ``<bos> context <mask:0> <break>`` (as
-    :meth:`cm3leon.decoding.multimodal.MultimodalModel.prompts` builds it).
+    :meth:`cm3leon.inference.multimodal.MultimodalModel.prompts` builds it).
     """
     context_len = prompt_len - caption_len - 2
     generator = torch.Generator().manual_seed(seed)
@@ -133,7 +133,7 @@ def two_pass_generate(
     run = runs[0]  # the constraint follows the conditional stream, as in generate
     stop = constraint.stop.to(device)  # (V,)
     selector = TokenSelector(seed, device)
-    greedy = strategy.name == "greedy"
+    greedy = strategy.argmax
     generated = torch.zeros(n, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     tokens = []
@@ -170,7 +170,7 @@ def masks_to_device_if_needed(
     device = model.head.weight.device
     if device.type == "cpu":
         return None
-    requests = [GenerationRequest(p, Strategy("greedy")) for p in prompts]
+    requests = [GenerationRequest(p, Strategy.named("greedy")) for p in prompts]
     try:
         generate(model, vocab, requests, constraint, 2, seed=0)
         return None
@@ -332,8 +332,8 @@ def main() -> None:
     constraint_note = masks_to_device_if_needed(model, vocab, constraint, cond[:1])
     if constraint_note:
         print(f"note: {constraint_note}", flush=True)
-    plain = [GenerationRequest(c, Strategy("greedy")) for c in cond]
-    cfg_strategy = Strategy(args.cfg_strategy, cfg_weight=CFG_WEIGHT)
+    plain = [GenerationRequest(c, Strategy.named("greedy")) for c in cond]
+    cfg_strategy = Strategy.named(args.cfg_strategy, cfg_weight=CFG_WEIGHT)
     guided = [GenerationRequest(c, cfg_strategy, u) for c, u in zip(cond, uncond, strict=True)]
 
     def run_generate(requests: list[GenerationRequest], use_cache: bool) -> Outputs:

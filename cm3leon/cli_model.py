@@ -1,8 +1,10 @@
 """``cm3leon generate | caption | ask | edit``: the trained model from the command line.
 
-Each command loads a model folder (default ``models/sft`` of the project), the tokenizers and
-the memory bank from the project's artifacts, runs one task and prints what it made together
-with the memory-bank documents it retrieved (id, score, caption). Image outputs are written as
+Each command loads a model folder (default: the SFT model), the tokenizers and the memory bank
+from the project's artifacts — their paths read from the ``evaluate`` stage's command in
+``dvc.yaml`` (:mod:`cm3leon.project`), its decoding defaults from ``params.yaml`` — runs one
+task and prints what it made together with the memory-bank documents it retrieved (id, score,
+caption). Image outputs are written as
 PNG with a provenance sidecar ``<output>.json`` (model fingerprint, prompt, strategy, seed,
 retrieved documents) that ``cm3leon lineage`` can follow. Input images of any size or mode are
 converted to RGB and resized/center-cropped to the tokenizer's size; unreadable files are an
@@ -18,17 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from cm3leon.artifacts import atomic_write_json, image_grid, write_png
+from cm3leon.config import DecodingConfig, EvaluateConfig, load_params
 from cm3leon.data.importers import ImageError, load_image
-from cm3leon.decoding.multimodal import Generation, MultimodalModel, TaskInput
-from cm3leon.decoding.selector import STRATEGIES, Strategy, sample_plan
+from cm3leon.decoding.selector import Strategy, sample_plan
+from cm3leon.decoding_strategies import SAMPLE_PLANS
+from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
+from cm3leon.project import stage_arguments
 
-# Artifact paths inside a project (as dvc.yaml writes them).
-DEFAULTS = {
-    "vq": "models/vq",
-    "text_tokenizer": "models/text_tokenizer",
-    "tokens": "data/tokens",
-    "retriever": "models/retriever",
-    "retrieval": "data/retrieval",
+# The model commands' task, and whether it has a single right output (one answer sample).
+COMMANDS = {
+    "generate": ("text_to_image", False),
+    "caption": ("captioning", True),
+    "ask": ("vqa", True),
+    "edit": ("editing", True),
 }
 
 
@@ -37,50 +41,61 @@ def add_commands(sub) -> None:
     generate = sub.add_parser("generate", help="text -> image")
     generate.add_argument("prompt")
     generate.add_argument("-o", "--output", required=True, help="PNG to write")
-    _decoding_options(generate, strategy="top_p", cfg=1.0, samples=4)
+    _decoding_options(generate)
     caption = sub.add_parser("caption", help="image -> caption")
     caption.add_argument("image")
-    _decoding_options(caption, strategy="greedy", cfg=1.0, samples=1)
+    _decoding_options(caption)
     ask = sub.add_parser("ask", help="image + question -> answer")
     ask.add_argument("image")
     ask.add_argument("question")
-    _decoding_options(ask, strategy="greedy", cfg=1.0, samples=1)
+    _decoding_options(ask)
     edit = sub.add_parser("edit", help="image + instruction -> edited image")
     edit.add_argument("image")
     edit.add_argument("instruction")
     edit.add_argument("-o", "--output", required=True, help="PNG to write")
-    _decoding_options(edit, strategy="greedy", cfg=1.0, samples=1)
+    _decoding_options(edit)
 
 
-def _decoding_options(parser, strategy: str, cfg: float, samples: int) -> None:
-    parser.add_argument("--model", default="models/sft", help="exported model folder")
-    parser.add_argument("--strategy", default=strategy, choices=[*STRATEGIES, "mix"])
-    parser.add_argument("--cfg", type=float, default=cfg, help="classifier-free guidance weight")
-    parser.add_argument("--samples", type=int, default=samples, help="samples (re-ranked)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--retrieved", type=int, default=2, help="memory-bank documents to use")
+def _decoding_options(parser) -> None:
+    """Options left unset take the project's ``evaluate`` params (``params.yaml``), the way the
+    evaluate stage prompts: text-to-image the headline plan (``evaluate.decoding.strategy``,
+    ``samples``, ``cfg_weight``), the other commands one ``answer_strategy`` sample without
+    CFG; ``evaluate.retrieved`` memory-bank documents."""
+    parser.add_argument("--model", default=None, help="model folder (default: the SFT model)")
+    parser.add_argument("--strategy", default=None, choices=list(SAMPLE_PLANS))
+    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight")
+    parser.add_argument("--samples", type=int, default=None, help="samples (re-ranked)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--cd-alpha", type=float, default=None, help="CD-K head threshold")
+    parser.add_argument("--cd-k", type=int, default=None, help="CD-K: the k-th largest p_cond")
+    parser.add_argument("--retrieved", type=int, default=None, help="memory-bank documents")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_command(args: argparse.Namespace, project: Path) -> int:
-    paths = {k: project / v for k, v in DEFAULTS.items()}
-    model_dir = Path(args.model) if Path(args.model).is_absolute() else project / args.model
-    use_bank = args.retrieved > 0 or (args.samples > 1 and args.command == "generate")
+    task, single_answer = COMMANDS[args.command]
     try:
+        paths = {k: project / v for k, v in stage_arguments(project, "evaluate").items()}
+        config = _evaluate_config(project)
+        model_dir = paths["sft"] if args.model is None else project / args.model
+        plan, cfg_weight = _plan(args, config.decoding, single_answer)
+        if args.retrieved is None:
+            args.retrieved = config.retrieved
+        use_bank = args.retrieved > 0 or (len(plan) > 1 and not single_answer)  # or re-rank
         model = MultimodalModel.load(
             model_dir,
             paths["vq"],
-            paths["text_tokenizer"],
+            paths["text-tokenizer"],
             paths["tokens"],
             paths["retriever"] if use_bank else None,
             paths["retrieval"] if use_bank else None,
+            phrasing=config.phrasing,
+            max_text_tokens=config.max_text_tokens,
         )
-        plan = _plan(args)
         if args.command == "generate":
             item = TaskInput(texts={"caption": args.prompt})
-            task = "text_to_image"
         else:
             try:
                 pixels = load_image(args.image, model.image_size)
@@ -90,12 +105,11 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
             texts = {"question": args.question} if args.command == "ask" else {}
             if args.command == "edit":
                 texts = {"instruction": args.instruction}
-            task = {"caption": "captioning", "ask": "vqa", "edit": "editing"}[args.command]
             item = TaskInput(texts=texts, images={"image": image}, pixels=pixels)
         (result,) = model.run(task, [item], plan, args.retrieved, args.seed)
     except (ImageError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"cm3leon {args.command}: error: {err}") from None
-    report = _report(args, model, model_dir, task, result)
+    report = _report(args, model, model_dir, task, result, cfg_weight)
     if result.codes is not None:
         images = model.decode_ids([model.vocab.image_to_vocab(result.codes)])
         write_png(args.output, images[0])
@@ -112,12 +126,35 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
     return 0
 
 
-def _plan(args) -> list[Strategy]:
-    settings = {"cfg_weight": args.cfg, "temperature": args.temperature, "top_p": args.top_p}
-    return sample_plan(args.strategy, args.samples, **settings)
+def _evaluate_config(project: Path) -> EvaluateConfig:
+    params = project / "params.yaml"
+    return load_params(params).evaluate if params.is_file() else EvaluateConfig()
 
 
-def _report(args, model, model_dir: Path, task: str, result: Generation) -> dict:
+def _plan(args, decoding: DecodingConfig, single_answer: bool) -> tuple[list[Strategy], float]:
+    """The sample plan from the options, each unset one from ``decoding`` (ConfigError, a
+    ValueError, names a bad value)."""
+    if single_answer:
+        plan, samples, cfg = decoding.answer_strategy, 1, 1.0
+    else:
+        plan, samples, cfg = decoding.strategy, decoding.samples, decoding.cfg_weight
+    overrides = {
+        key: value
+        for key, value in {
+            "cfg_weight": args.cfg if args.cfg is not None else cfg,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "cd_alpha": args.cd_alpha,
+            "cd_k": args.cd_k,
+        }.items()
+        if value is not None
+    }
+    samples = args.samples if args.samples is not None else samples
+    strategies = sample_plan(decoding, args.strategy or plan, samples, **overrides)
+    return strategies, overrides["cfg_weight"]
+
+
+def _report(args, model, model_dir: Path, task: str, result: Generation, cfg: float) -> dict:
     report = {
         "task": task,
         "model": str(model_dir),
@@ -128,7 +165,7 @@ def _report(args, model, model_dir: Path, task: str, result: Generation) -> dict
             if hasattr(args, k)
         },
         "strategies": result.strategies,
-        "cfg_weight": args.cfg,
+        "cfg_weight": cfg,
         "seed": args.seed,
         "retrieved": [d.provenance() for d in result.retrieved],
         "best_sample": result.best,

@@ -16,17 +16,29 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+
+from cm3leon.decoding_strategies import SAMPLE_PLANS, STRATEGIES
+from cm3leon.tasks import TASKS
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A params file or section is malformed; the message names the key and the problem."""
+
+
+class RelativeConfigError(ConfigError):
+    """Raised by a dataclass that serves several sections (``TrainConfig``) with its key
+    relative to the section; :func:`from_mapping` re-raises it with the section's full path."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
 
 
 @dataclass(frozen=True)
@@ -427,18 +439,20 @@ class TrainConfig:
     checkpoint_every: int = 100  # resumable checkpoints in the scratch folder
 
     def __post_init__(self) -> None:
-        where = "train"
+        # One dataclass serves two sections, so its keys are relative: from_mapping prefixes
+        # the section it was read from (sft.train.steps), see RelativeConfigError.
+        check = _check_relative
         for key in ("steps", "micro_batch_size", "gradient_accumulation_steps", "log_every"):
-            _check(getattr(self, key) >= 1, f"{where}.{key}", "must be >= 1")
+            check(getattr(self, key) >= 1, key, "must be >= 1")
         for key in ("eval_every", "eval_batches", "checkpoint_every"):
-            _check(getattr(self, key) >= 1, f"{where}.{key}", "must be >= 1")
-        _check(self.zero_stage in (0, 1, 2, 3), f"{where}.zero_stage", "must be 0, 1, 2 or 3")
-        _check(self.lr > 0, f"{where}.lr", "must be > 0")
-        _check(0 <= self.min_lr_ratio <= 1, f"{where}.min_lr_ratio", "must be in [0, 1]")
-        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, f"{where}.weight_decay", "must be >= 0")
-        _check(len(self.betas) == 2, f"{where}.betas", "must be two numbers")
-        _check(self.grad_clip > 0, f"{where}.grad_clip", "must be > 0")
+            check(getattr(self, key) >= 1, key, "must be >= 1")
+        check(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(len(self.betas) == 2, "betas", "must be two numbers")
+        check(self.grad_clip > 0, "grad_clip", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -458,43 +472,37 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
-class SFTMixConfig:
-    """``sft.mixing``: relative sampling weight of each task (CM3Leon §4 up/down-sampling)."""
-
-    text_to_image: float = 1.0
-    captioning: float = 1.0
-    vqa: float = 1.0
-    editing: float = 1.0
-    grounding: float = 1.0
-    segmentation: float = 1.0
-
-    def __post_init__(self) -> None:
-        for key, value in asdict(self).items():
-            _check(value >= 0, f"sft.mixing.{key}", "must be >= 0")
-        _check(sum(asdict(self).values()) > 0, "sft.mixing", "at least one weight must be > 0")
-
-
-@dataclass(frozen=True)
 class SFTConfig:
     """``sft``: multi-task instruction tuning from the pretrained model (CM3Leon §4)."""
 
-    phrasing: int = 0  # which phrasing of every task's template (cm3leon/sft/templates.py)
+    phrasing: int = 0  # which phrasing of every task's template (cm3leon/tasks.py)
     loss_on_output_only: bool = False  # CM3Leon: loss on the whole sequence
-    mixing: SFTMixConfig = field(default_factory=SFTMixConfig)
+    # Relative sampling weight of each task of the registry (CM3Leon §4 up/down-sampling); a
+    # task not named gets 1.0, an unknown name is an error naming the known tasks.
+    mixing: dict[str, float] = field(default_factory=dict)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=600, lr=0.001, warmup_steps=20, eval_every=100)
     )
 
     def __post_init__(self) -> None:
         _check(self.phrasing >= 0, "sft.phrasing", "must be >= 0")
+        for name in self.mixing:
+            _check(name in TASKS, f"sft.mixing.{name}", f"unknown task; known: {list(TASKS)}")
+        mixing = {t: float(self.mixing.get(t, 1.0)) for t in TASKS}  # registry order
+        for key, value in mixing.items():
+            _check(value >= 0, f"sft.mixing.{key}", "must be >= 0")
+        _check(sum(mixing.values()) > 0, "sft.mixing", "at least one weight must be > 0")
+        object.__setattr__(self, "mixing", mixing)
 
 
 @dataclass(frozen=True)
 class DecodingConfig:
     """``evaluate.decoding``: the strategy behind the headline numbers (CM3Leon §3).
 
-    ``strategy``: top_p | cd_k | greedy | mix (samples alternate top-p and CD-K, then the dual
-    encoder re-ranks them), for text-to-image and grounding; ``samples`` per prompt.
+    ``strategy``: a sample plan of :mod:`cm3leon.decoding_strategies` — top_p | cd_k | greedy
+    | mix (samples alternate top-p and CD-K, then the dual encoder re-ranks them) — for
+    text-to-image and grounding; ``samples`` per prompt. The other values are what the
+    strategies' processors read (``Strategy.from_config``).
     ``answer_strategy`` (one sample) serves tasks with a single right output: captioning, VQA,
     editing and segmentation.
     """
@@ -510,9 +518,9 @@ class DecodingConfig:
 
     def __post_init__(self) -> None:
         where = "evaluate.decoding"
-        known = ("top_p", "cd_k", "greedy", "mix")
-        _check(self.strategy in known, f"{where}.strategy", f"must be one of {known}")
-        _check(self.answer_strategy in known[:3], f"{where}.answer_strategy", f"in {known[:3]}")
+        plans, single = list(SAMPLE_PLANS), list(STRATEGIES)
+        _check(self.strategy in SAMPLE_PLANS, f"{where}.strategy", f"must be one of {plans}")
+        _check(self.answer_strategy in STRATEGIES, f"{where}.answer_strategy", f"in {single}")
         _check(self.cfg_weight >= 0, f"{where}.cfg_weight", "must be >= 0")
         _check(self.temperature > 0, f"{where}.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
@@ -535,8 +543,8 @@ class StudiesConfig:
         where = "evaluate.studies"
         _check(self.prompts >= 1, f"{where}.prompts", "must be >= 1")
         _check(all(w >= 0 for w in self.cfg_weights), f"{where}.cfg_weights", "must be >= 0")
-        known = ("top_p", "cd_k", "greedy", "mix")
-        _check(all(s in known for s in self.strategies), f"{where}.strategies", f"in {known}")
+        plans = list(SAMPLE_PLANS)
+        _check(all(s in plans for s in self.strategies), f"{where}.strategies", f"in {plans}")
         _check(all(n >= 1 for n in self.samples), f"{where}.samples", "must be >= 1")
         _check(all(k >= 0 for k in self.retrieved), f"{where}.retrieved", "must be >= 0")
 
@@ -627,7 +635,11 @@ def from_mapping(cls: type[T], mapping: Any, where: str) -> T:
         key: _coerce(hints[key], value, f"{where}.{key}" if where else key)
         for key, value in mapping.items()
     }
-    return cls(**values)
+    try:
+        return cls(**values)
+    except RelativeConfigError as err:
+        key = f"{where}.{err.key}" if where else err.key
+        raise ConfigError(f"{key}: {err.message}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -652,6 +664,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if value not in allowed:
             raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, item_type = get_args(tp)
+        return {
+            _coerce(key_type, k, where): _coerce(item_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -679,3 +699,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def _check_relative(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RelativeConfigError(key, message)

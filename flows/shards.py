@@ -6,8 +6,9 @@ mapped Prefect tasks on a task runner chosen at launch time, never in ``params.y
 work runs cannot change what it computes (the artifacts are byte-identical to the serial path,
 which the tests check), so it must not make DVC rerun a stage either.
 
-Environment (read by ``stages/tokenize_corpus.py`` and ``stages/index.py``; ``cm3leon run
---shard-runner ...`` and the Prefect deployments set it for the stages they launch):
+Environment (read by the data stages through ``stages/shard_runner.py``, which imports this
+module only when a runner other than ``serial`` is asked for; ``cm3leon run --shard-runner ...``
+and the Prefect deployments set it for the stages they launch):
 
 - ``CM3LEON_SHARD_RUNNER``: ``serial`` (default: in-process, no Prefect), ``threads``
   (Prefect's ``ThreadPoolTaskRunner``), ``dask`` (``prefect_dask.DaskTaskRunner``) or ``ray``

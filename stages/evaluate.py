@@ -10,14 +10,13 @@ cache; the folder itself holds no clock time, so the same seed gives the same by
 
 import argparse
 import sys
-import time
 
 import torch
+from stage_runtime import StageRun, run_stage
 
-from cm3leon.artifacts import atomic_write_json
-from cm3leon.config import ConfigError, load_params
-from cm3leon.decoding.multimodal import MultimodalModel
+from cm3leon.config import load_params
 from cm3leon.evaluation.evaluate import evaluate
+from cm3leon.inference.multimodal import MultimodalModel
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-retrieval", default=None, help="the no-retrieval pretrained model")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
+
+    def work(run: StageRun) -> None:
         params = load_params(args.params)
         config = params.evaluate
         torch.manual_seed(params.base.seed)
@@ -66,14 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
             log=lambda line: print(f"evaluate: {line}", flush=True),
         )
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 1
-    seconds = round(time.perf_counter() - start, 1)
-    atomic_write_json(args.metrics, {**metrics, "stage_seconds": seconds})
-    best = metrics["best_text_to_image"]
-    print(f"evaluate: best text-to-image {best} in {seconds:.0f}s")
-    return 0
+        # Not run_stage(metrics=...), which echoes every metric: evaluate prints its headline.
+        written = run.write_metrics(args.metrics, metrics)
+        best, seconds = metrics["best_text_to_image"], written["stage_seconds"]
+        print(f"evaluate: best text-to-image {best} in {seconds:.0f}s")
+
+    return run_stage("evaluate", work)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ import argparse
 import logging
 import sys
 
-from cm3leon.config import ConfigError, load_params
+from stage_runtime import StageRun, run_stage
+
+from cm3leon.config import load_params
 from cm3leon.data.prepare import prepare_corpus
 
 
@@ -19,18 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="corpus folder to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work(run: StageRun) -> None:
         params = load_params(args.params)
         manifest = prepare_corpus(params.data, params.base.seed, args.out)
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"prepare: error: {err}", file=sys.stderr)
-        return 1
-    print(
-        f"prepare: wrote {manifest['num_documents']} documents to {args.out} "
-        f"(splits {manifest['splits']}, tasks {manifest['tasks']}, "
-        f"quarantined {manifest['quarantined']})"
-    )
-    return 0
+        print(
+            f"prepare: wrote {manifest['num_documents']} documents to {args.out} "
+            f"(splits {manifest['splits']}, tasks {manifest['tasks']}, "
+            f"quarantined {manifest['quarantined']})"
+        )
+
+    # OSError, not only FileNotFoundError: the user's images may be unreadable for other reasons.
+    return run_stage("prepare", work, errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

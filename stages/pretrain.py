@@ -15,13 +15,11 @@ fewer tokens per step).
 
 import argparse
 import dataclasses
-import json
-import os
 import sys
-import time
 
-from cm3leon.artifacts import atomic_write_json
-from cm3leon.config import ConfigError, load_params
+from stage_runtime import StageRun, run_stage
+
+from cm3leon.config import load_params
 from cm3leon.training.pretraining import pretrain
 
 
@@ -33,23 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-retrieval", action="store_true", help="train without neighbors")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    start = time.perf_counter()
-    final: dict[str, float] = {}
-    live = None
-    if rank == 0:
-        from dvclive import Live
 
-        live = Live(dir=args.live, save_dvc_exp=False, dvcyaml=None, report=None)
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        live.step = step
-        for key, value in metrics.items():
-            live.log_metric(key, value)
-            final[key] = value
-        live.next_step()
-
-    try:
+    def work(run: StageRun) -> dict[str, float]:
         params = load_params(args.params)
         config = params.pretrain
         if args.no_retrieval:
@@ -61,23 +44,12 @@ def main(argv: list[str] | None = None) -> int:
             params.base.seed,
             args.out,
             args.scratch,
-            log,
+            run.log,
+            code=(__file__,),
         )
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"pretrain: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if live is not None:
-            live.end()
-    if rank == 0:
-        metrics = {
-            **final,
-            "parameters": facts["parameters"],
-            "stage_seconds": round(time.perf_counter() - start, 1),
-        }
-        atomic_write_json(args.metrics, metrics)
-        print(f"pretrain: {json.dumps(metrics, sort_keys=True)}")
-    return 0
+        return {**run.final, "parameters": facts["parameters"]}
+
+    return run_stage("pretrain", work, live=args.live, metrics=args.metrics)
 
 
 if __name__ == "__main__":

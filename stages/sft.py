@@ -8,13 +8,11 @@ Launch like `pretrain` for several processes (`torchrun --nproc_per_node N stage
 """
 
 import argparse
-import json
-import os
 import sys
-import time
 
-from cm3leon.artifacts import atomic_write_json
-from cm3leon.config import ConfigError, load_params
+from stage_runtime import StageRun, run_stage
+
+from cm3leon.config import load_params
 from cm3leon.sft.finetuning import finetune
 
 
@@ -25,23 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", required=True)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    start = time.perf_counter()
-    final: dict[str, float] = {}
-    live = None
-    if rank == 0:
-        from dvclive import Live
 
-        live = Live(dir=args.live, save_dvc_exp=False, dvcyaml=None, report=None)
-
-    def log(step: int, metrics: dict[str, float]) -> None:
-        live.step = step
-        for key, value in metrics.items():
-            live.log_metric(key, value)
-            final[key] = value
-        live.next_step()
-
-    try:
+    def work(run: StageRun) -> dict[str, float]:
         params = load_params(args.params)
         facts = finetune(
             args.pretrain,
@@ -51,23 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             params.base.seed,
             args.out,
             args.scratch,
-            log,
+            run.log,
+            code=(__file__,),
         )
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"sft: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        if live is not None:
-            live.end()
-    if rank == 0:
-        metrics = {
-            **final,
-            "examples": facts["examples"],
-            "stage_seconds": round(time.perf_counter() - start, 1),
-        }
-        atomic_write_json(args.metrics, metrics)
-        print(f"sft: {json.dumps(metrics, sort_keys=True)}")
-    return 0
+        return {**run.final, "examples": facts["examples"]}
+
+    return run_stage("sft", work, live=args.live, metrics=args.metrics)
 
 
 if __name__ == "__main__":

@@ -7,25 +7,23 @@ Reads the corpus (`--corpus`) after the validation gate passed (`--validation`),
 `data` and `tokenize`. Writes the VQ tokenizer (`--vq-out`), the text tokenizer (`--text-out`),
 the tokens (`--tokens-out`), metrics (`--metrics`), the reconstruction grid (`--grid`: val
 originals above their reconstructions) and the VQ training curve with dvclive (`--live`).
-Image encoding runs on the executor the `CM3LEON_SHARD_*` variables choose (`flows/shards.py`;
-serial by default), with identical outputs on every executor.
+Image encoding runs on the shard runner the `CM3LEON_SHARD_*` variables choose: serially in this
+process by default, any other runner through `flows/shards.py` (imported only then), with
+identical outputs on every runner (`stages/shard_runner.py`).
 """
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from dvclive import Live
+from shard_runner import run_on_shard_runner
+from stage_runtime import StageRun, run_stage
 
-from cm3leon.artifacts import atomic_write_json, image_grid, write_png
-from cm3leon.config import ConfigError, load_params
+from cm3leon.artifacts import image_grid, write_png
+from cm3leon.config import load_params
 from cm3leon.data.corpus import CorpusError
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root, for flows/
-from flows.shards import ShardSettings, run_sharded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,45 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     ):
         parser.add_argument(f"--{name}", required=True)
     args = parser.parse_args(argv)
-    try:
+
+    def work(run: StageRun) -> dict[str, float]:
         params = load_params(args.params)
-        shards = ShardSettings.from_env()
-        print(f"tokenize: encoding images on the {shards.runner} shard runner")
         gate = json.loads(Path(args.validation).read_text(encoding="utf-8"))
         if not gate.get("success"):
             raise CorpusError(f"{args.validation} says the corpus failed validation; fix it first")
-        start = time.perf_counter()
-        with Live(dir=args.live, save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        result = run_on_shard_runner(
+            run.stage,
+            "encoding images",
+            lambda executor: tokenize_corpus(
+                args.corpus,
+                params.data,
+                params.tokenize,
+                params.base.seed,
+                args.vq_out,
+                args.text_out,
+                args.tokens_out,
+                on_log=run.log,
+                executor=executor,
+            ),
+        )
+        write_png(args.grid, image_grid([result.originals, result.reconstructions], scale=4))
+        return result.metrics
 
-            def log(step: int, metrics: dict[str, float]) -> None:
-                live.step = step
-                for key, value in metrics.items():
-                    live.log_metric(f"vq/{key}", value)
-                live.next_step()
-
-            result = run_sharded(
-                "tokenize",
-                lambda executor: tokenize_corpus(
-                    args.corpus,
-                    params.data,
-                    params.tokenize,
-                    params.base.seed,
-                    args.vq_out,
-                    args.text_out,
-                    args.tokens_out,
-                    on_log=log,
-                    executor=executor,
-                ),
-                shards,
-            )
-    except (ConfigError, CorpusError, ValueError, FileNotFoundError) as err:
-        print(f"tokenize: error: {err}", file=sys.stderr)
-        return 1
-    metrics = {**result.metrics, "stage_seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(args.metrics, metrics)
-    write_png(args.grid, image_grid([result.originals, result.reconstructions], scale=4))
-    print(f"tokenize: {json.dumps(metrics, sort_keys=True)}")
-    return 0
+    return run_stage("tokenize", work, live=args.live, log_prefix="vq/", metrics=args.metrics)
 
 
 if __name__ == "__main__":

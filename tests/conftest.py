@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -173,3 +174,11 @@ def add_downstream_stage(root):
         "outs": ["downstream.txt"],
     }
     (root / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
+
+
+def load_stage_module(name: str):
+    """A helper module of stages/, as the stage scripts import it (by its bare name)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

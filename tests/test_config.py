@@ -63,6 +63,13 @@ def test_valid_keys_are_listed(tmp_path):
         ("data:\n  source: manifest\n", "data.manifest.path: is required"),
         ("validate:\n  check_split_proportions: 1\n", "expected true or false"),
         ("data: [1, 2]\n", "data: expected a mapping"),
+        # TrainConfig serves two sections: the error names the one it was read from
+        ("sft:\n  train:\n    steps: 0\n", "sft.train.steps: must be >= 1"),
+        ("pretrain:\n  train:\n    lr: 0\n", "pretrain.train.lr: must be > 0"),
+        ("sft:\n  mixing:\n    poetry: 1.0\n", "sft.mixing.poetry: unknown task; known: ["),
+        ("sft:\n  mixing:\n    vqa: -1\n", "sft.mixing.vqa: must be >= 0"),
+        ("sft:\n  mixing: [vqa]\n", "sft.mixing: expected a mapping"),
+        ("evaluate:\n  decoding:\n    strategy: beam\n", "evaluate.decoding.strategy: must be"),
     ],
 )
 def test_bad_values_are_rejected_with_their_key(tmp_path, text, fragment):
@@ -77,3 +84,11 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(write(tmp_path, "data: [unclosed\n"))
+
+
+def test_mixing_is_a_mapping_over_the_task_registry(tmp_path):
+    from cm3leon.tasks import TASKS
+
+    params = load_params(write(tmp_path, "sft:\n  mixing:\n    vqa: 2\n"))
+    assert list(params.sft.mixing) == list(TASKS)  # every task, in the registry's order
+    assert params.sft.mixing["vqa"] == 2.0 and params.sft.mixing["editing"] == 1.0

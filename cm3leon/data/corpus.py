@@ -6,7 +6,7 @@ Layout of a corpus folder (written atomically by :func:`write_corpus`)::
       manifest.json            format version, source, image size, counts, shard list
       shard-00000.parquet      documents, ``shard_size`` rows per shard (schema: DOCUMENT_SCHEMA)
       ...
-      tasks/vqa.parquet        derived task tables (schemas: TASK_SCHEMAS); empty for user data
+      tasks/vqa.parquet        derived task tables (schemas: cm3leon.tasks); empty for user data
       tasks/edits.parquet
       tasks/grounding.parquet
       tasks/segmentation.parquet
@@ -33,10 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cm3leon.artifacts import atomic_dir, atomic_write_json
+from cm3leon.tasks import TABLE_TASKS
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-TASK_NAMES = ("vqa", "edits", "grounding", "segmentation")
 
 DOCUMENT_SCHEMA = pa.schema(
     [
@@ -54,41 +54,6 @@ DOCUMENT_SCHEMA = pa.schema(
         ("objects", pa.string()),  # ShapeWorld ground truth as JSON; null for user data
     ]
 )
-
-TASK_SCHEMAS = {
-    "vqa": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("question", pa.string()),
-            ("answer", pa.string()),
-            ("question_type", pa.string()),
-        ]
-    ),
-    "edits": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("instruction", pa.string()),
-            ("edit_type", pa.string()),
-            ("target_image", pa.binary()),  # raw (H, W, 3) uint8
-            ("target_objects", pa.string()),
-        ]
-    ),
-    "grounding": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("prompt", pa.string()),
-            ("objects", pa.string()),
-        ]
-    ),
-    "segmentation": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("instruction", pa.string()),
-            ("mask", pa.binary()),  # raw (H, W) uint8, 0 or 255
-            ("target_object", pa.string()),
-        ]
-    ),
-}
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -156,9 +121,9 @@ def write_corpus(
     records give byte-identical shards.
     """
     tasks = tasks or {}
-    unknown = set(tasks) - set(TASK_NAMES)
+    unknown = set(tasks) - set(TABLE_TASKS)
     if unknown:
-        raise ValueError(f"unknown task tables {sorted(unknown)}; known: {list(TASK_NAMES)}")
+        raise ValueError(f"unknown task tables {sorted(unknown)}; known: {list(TABLE_TASKS)}")
     quarantine = list(quarantine)
     with atomic_dir(out_dir) as tmp:
         shard_names = []
@@ -172,10 +137,10 @@ def write_corpus(
             shard_names.append(name)
         (tmp / "tasks").mkdir()
         task_counts = {}
-        for name in TASK_NAMES:
+        for name, spec in TABLE_TASKS.items():
             rows = tasks.get(name, [])
             _write_table(
-                pa.Table.from_pylist(rows, schema=TASK_SCHEMAS[name]),
+                pa.Table.from_pylist(rows, schema=spec.table_schema),
                 tmp / "tasks" / f"{name}.parquet",
             )
             task_counts[name] = len(rows)
@@ -263,8 +228,8 @@ def read_documents(
 
 
 def read_task_table(corpus_dir: str | Path, name: str) -> pa.Table:
-    if name not in TASK_SCHEMAS:
-        raise CorpusError(f"unknown task table {name!r}; known: {list(TASK_NAMES)}")
+    if name not in TABLE_TASKS:
+        raise CorpusError(f"unknown task table {name!r}; known: {list(TABLE_TASKS)}")
     path = Path(corpus_dir) / "tasks" / f"{name}.parquet"
     if not path.is_file():
         raise CorpusError(f"task table {path} not found")

@@ -15,7 +15,7 @@ so tables are a pure function of the scenes and the seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from cm3leon.data.shapeworld import (
     replace_object,
     scene_to_json,
 )
+from cm3leon.tasks import TABLE_TASKS
 
 if TYPE_CHECKING:
     from cm3leon.config import ShapeWorldConfig
@@ -148,6 +149,21 @@ def segmentation_row(
     }
 
 
+# One scene's rows of each task table (the ShapeWorld builder of every table task in
+# cm3leon.tasks). build_task_tables calls them in the registry's order, which fixes the order
+# of the random draws.
+ROW_BUILDERS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "vqa": lambda image_id, scene, config, size, rng: vqa_rows(image_id, scene, config, rng),
+    "edits": edit_rows,
+    "grounding": lambda image_id, scene, config, size, rng: [
+        grounding_row(image_id, scene, config, size)
+    ],
+    "segmentation": lambda image_id, scene, config, size, rng: [
+        segmentation_row(image_id, scene, config, size, rng)
+    ],
+}
+
+
 def build_task_tables(
     ids: Sequence[str],
     scenes: Sequence[Scene],
@@ -155,17 +171,13 @@ def build_task_tables(
     image_size: int,
     seed: int,
 ) -> dict[str, list[dict[str, Any]]]:
-    """All four task tables for a list of documents, deterministic in ``seed``."""
+    """Every task table of the registry for a list of documents, deterministic in ``seed``."""
+    missing = set(TABLE_TASKS) - set(ROW_BUILDERS)
+    if missing:
+        raise ValueError(f"no ShapeWorld builder for task tables {sorted(missing)}")
     rng = np.random.default_rng([seed, 0x7A5C])
-    tables: dict[str, list[dict[str, Any]]] = {
-        "vqa": [],
-        "edits": [],
-        "grounding": [],
-        "segmentation": [],
-    }
+    tables: dict[str, list[dict[str, Any]]] = {name: [] for name in TABLE_TASKS}
     for image_id, scene in zip(ids, scenes, strict=True):
-        tables["vqa"].extend(vqa_rows(image_id, scene, config, rng))
-        tables["edits"].extend(edit_rows(image_id, scene, config, image_size, rng))
-        tables["grounding"].append(grounding_row(image_id, scene, config, image_size))
-        tables["segmentation"].append(segmentation_row(image_id, scene, config, image_size, rng))
+        for name in TABLE_TASKS:
+            tables[name].extend(ROW_BUILDERS[name](image_id, scene, config, image_size, rng))
     return tables

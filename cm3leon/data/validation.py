@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 
 from cm3leon.artifacts import atomic_dir, atomic_write_json, atomic_write_text
 from cm3leon.config import DataConfig, ValidateConfig
-from cm3leon.data.corpus import DOCUMENT_SCHEMA, SPLITS, TASK_NAMES, iter_documents, read_task_table
+from cm3leon.data.corpus import DOCUMENT_SCHEMA, SPLITS, iter_documents, read_task_table
+from cm3leon.tasks import TABLE_TASKS, table_spec
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuiteValidationResult
@@ -47,8 +48,6 @@ DOCUMENT_COLUMNS = (
 # GE 1.24 cannot name pandas 3's default "str" dtype, so Arrow strings become StringDtype().
 STRING_TYPES = ["StringDtype"]
 INT_TYPES = ["int32", "int64"]
-TASK_TEXT = {"vqa": ("question", "answer"), "grounding": ("prompt",)}  # others: instruction
-TASK_BINARY = {"edits": ("target_image", 3), "segmentation": ("mask", 1)}  # column, channels
 DOCS_SITE = "corpus_report"
 
 
@@ -141,10 +140,10 @@ def task_frame(
 ) -> pd.DataFrame:
     """A task table without its binary columns, plus byte lengths and the matched document id."""
     table = read_task_table(corpus_dir, name)
-    binary = TASK_BINARY.get(name)
-    frame = table.drop_columns([binary[0]] if binary else []).to_pandas()
+    binary = table_spec(name).image
+    frame = table.drop_columns([binary.column] if binary else []).to_pandas()
     if binary:
-        column, channels = binary
+        column, channels = binary.column, binary.channels
         lengths = pc.binary_length(table.column(column)).to_pylist()
         frame[f"{column}_bytes"] = pd.array(lengths, dtype="Int64")
         frame[f"{column}_expected_bytes"] = image_size * image_size * channels
@@ -209,14 +208,14 @@ def leakage_expectations() -> list[Expectation]:
 
 def task_expectations(name: str) -> list[Expectation]:
     e = _gx().expectations
-    text = TASK_TEXT.get(name, ("instruction",))
-    expectations = [e.ExpectColumnValuesToNotBeNull(column=c) for c in ("image_id", *text)]
+    spec = table_spec(name)
+    expectations = [e.ExpectColumnValuesToNotBeNull(column=c) for c in ("image_id", *spec.texts)]
     # Unlike _pair_equal, a missing document_id (unknown image) counts as unexpected.
     expectations.append(
         e.ExpectColumnPairValuesToBeEqual(column_A="image_id", column_B="document_id")
     )
-    if name in TASK_BINARY:
-        column = TASK_BINARY[name][0]
+    if spec.image is not None:
+        column = spec.image.column
         expectations.append(e.ExpectColumnValuesToNotBeNull(column=f"{column}_bytes"))
         expectations.append(_pair_equal(f"{column}_bytes", f"{column}_expected_bytes"))
     return expectations
@@ -355,7 +354,7 @@ def validate_corpus(
         frames["split_proportions"] = (splits, split_expectations(config))
     tasks = {
         name: task_frame(corpus_dir, name, docs["id"], data_config.image_size)
-        for name in TASK_NAMES
+        for name in TABLE_TASKS
     }
     frames.update({f"task_{n}": (f, task_expectations(n)) for n, f in tasks.items()})
     with atomic_dir(report_dir / "data_docs") as docs_dir:

@@ -99,7 +99,7 @@ def generate(
         greedy = torch.zeros(n, dtype=torch.bool, device=device)
         for strategy, rows_ in groups.items():
             scores[rows_] = strategy.scores(cond[rows_], uncond[rows_])
-            greedy[rows_] = strategy.name == "greedy"
+            greedy[rows_] = strategy.argmax
         token = selector(scores, greedy)  # (n,)
         token = torch.where(done, torch.full_like(token, vocab.pad), token)
         was_done = done.tolist()

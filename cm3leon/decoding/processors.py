@@ -14,6 +14,10 @@ may not be chosen.
   always holds at least ``k`` tokens.
 - :class:`Temperature` and :class:`TopP` (nucleus sampling, Holtzman et al. 2020): the minimal
   set of most likely tokens whose probability reaches ``p``.
+Each sampling processor is built from the decoding config by ``from_config`` and registered in
+:data:`PROCESSORS` under the key that :mod:`cm3leon.decoding_strategies` chains; ``contrastive``
+says whether it takes the unconditional stream as a second argument.
+
 - :class:`ModalityConstraint`: which tokens are legal at each step — only image ids inside an
   image span, exactly ``image_tokens`` of them, then none (back to text).
 """
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cm3leon.config import DecodingConfig
 from cm3leon.tokenizers.vocab import Vocab
 
 NEG_INF = float("-inf")
@@ -32,12 +37,23 @@ NEG_INF = float("-inf")
 @dataclass(frozen=True)
 class ClassifierFreeGuidance:
     weight: float
+    contrastive = True  # takes the unconditional stream (a class attribute, not a field)
+
+    @classmethod
+    def from_config(cls, config: DecodingConfig) -> ClassifierFreeGuidance:
+        return cls(config.cfg_weight)
 
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"CFG weight must be >= 0, got {self.weight}")
 
-    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_unconditional(self) -> bool:
+        return self.weight != 1.0
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        if uncond is None:  # no unconditional stream: nothing to guide against
+            return cond
         # uncond + w (cond - uncond), written so that w = 1 returns cond bit for bit; masked
         # tokens (-inf in both streams) stay -inf instead of becoming nan.
         guided = cond + (self.weight - 1.0) * (cond - uncond)
@@ -46,8 +62,14 @@ class ClassifierFreeGuidance:
 
 @dataclass(frozen=True)
 class ContrastiveDecodingK:
-    alpha: float = 0.1
-    k: int = 5
+    alpha: float
+    k: int
+    contrastive = True
+    needs_unconditional = True
+
+    @classmethod
+    def from_config(cls, config: DecodingConfig) -> ContrastiveDecodingK:
+        return cls(config.cd_alpha, config.cd_k)
 
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
@@ -70,6 +92,12 @@ class ContrastiveDecodingK:
 @dataclass(frozen=True)
 class Temperature:
     value: float
+    contrastive = False
+    needs_unconditional = False
+
+    @classmethod
+    def from_config(cls, config: DecodingConfig) -> Temperature:
+        return cls(config.temperature)
 
     def __post_init__(self) -> None:
         if self.value <= 0:
@@ -82,6 +110,12 @@ class Temperature:
 @dataclass(frozen=True)
 class TopP:
     p: float
+    contrastive = False
+    needs_unconditional = False
+
+    @classmethod
+    def from_config(cls, config: DecodingConfig) -> TopP:
+        return cls(config.top_p)
 
     def __post_init__(self) -> None:
         if not 0 < self.p <= 1:
@@ -96,6 +130,16 @@ class TopP:
         drop_sorted = before >= self.p  # the minimal set reaching p keeps its last token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         return scores.masked_fill(drop, NEG_INF)
+
+
+# The processor keys that cm3leon.decoding_strategies chains, each built from the decoding
+# config (``evaluate.decoding``) by its ``from_config``.
+PROCESSORS = {
+    "cfg": ClassifierFreeGuidance,
+    "cd_k": ContrastiveDecodingK,
+    "temperature": Temperature,
+    "top_p": TopP,
+}
 
 
 class ModalityConstraint:

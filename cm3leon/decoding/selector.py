@@ -1,11 +1,9 @@
 """Token selection and decoding strategies (DESIGN.md §9; Chameleon's ``token_selector.py``).
 
 A :class:`Strategy` says how one sample turns the conditional and unconditional next-token
-logits into a token, by composing the processors of :mod:`cm3leon.decoding.processors`:
-
-- ``top_p``: CFG -> temperature -> top-p -> sample;
-- ``cd_k``: CFG -> CD-K against the unconditional stream -> temperature -> sample from the head;
-- ``greedy``: CFG -> argmax.
+logits into a token, by chaining the processors of :mod:`cm3leon.decoding.processors` that its
+row of :data:`~cm3leon.decoding_strategies.STRATEGIES` names, each built from the decoding
+config (``Strategy.from_config``).
 
 CD-K here contrasts the *guided* distribution with the unconditional one, so at CFG weight 1 it
 is the paper's ``log p_cond - log p_uncond``; a higher weight sharpens the guided side first.
@@ -15,67 +13,72 @@ same seed and scores give the same tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
-from cm3leon.decoding.processors import (
-    ClassifierFreeGuidance,
-    ContrastiveDecodingK,
-    Temperature,
-    TopP,
-)
-
-STRATEGIES = ("top_p", "cd_k", "greedy")
+from cm3leon.config import DecodingConfig
+from cm3leon.decoding.processors import PROCESSORS
+from cm3leon.decoding_strategies import ARGMAX, SAMPLE_PLANS, STRATEGIES
 
 
 @dataclass(frozen=True)
 class Strategy:
-    name: str = "top_p"
-    cfg_weight: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 0.9
-    cd_alpha: float = 0.1
-    cd_k: int = 5
+    """A strategy name (:data:`~cm3leon.decoding_strategies.STRATEGIES`) with the decoding
+    settings its processors read (CFG weight, temperature, top-p, CD-K alpha and k)."""
+
+    name: str
+    settings: DecodingConfig = field(default_factory=DecodingConfig)
+    chain: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.name not in STRATEGIES:
-            raise ValueError(f"unknown decoding strategy {self.name!r}; known: {STRATEGIES}")
-        # Build once to validate every value with the processors' own checks.
-        self.processors()
+            raise ValueError(f"unknown decoding strategy {self.name!r}; known: {list(STRATEGIES)}")
+        processors = tuple(PROCESSORS[k].from_config(self.settings) for k in STRATEGIES[self.name])
+        object.__setattr__(self, "chain", processors)
+
+    @classmethod
+    def from_config(cls, config: DecodingConfig, name: str | None = None, **overrides) -> Strategy:
+        """Strategy ``name`` (default ``config.strategy``) with ``config``'s settings, some
+        replaced by ``overrides`` (e.g. ``cfg_weight=3.0``)."""
+        return cls(name or config.strategy, dataclasses.replace(config, **overrides))
+
+    @classmethod
+    def named(cls, name: str, **settings) -> Strategy:
+        """Strategy ``name`` with the default decoding settings except ``settings``."""
+        return cls(name, DecodingConfig(**settings))
+
+    @property
+    def argmax(self) -> bool:
+        """Whether the selector takes the best-scoring token instead of sampling."""
+        return self.name in ARGMAX
 
     @property
     def needs_unconditional(self) -> bool:
-        return self.cfg_weight != 1.0 or self.name == "cd_k"
-
-    def processors(self) -> tuple:
-        return (
-            ClassifierFreeGuidance(self.cfg_weight),
-            ContrastiveDecodingK(self.cd_alpha, self.cd_k),
-            Temperature(self.temperature),
-            TopP(self.top_p),
-        )
+        return any(p.needs_unconditional for p in self.chain)
 
     def scores(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
-        """Selection scores ``(B, V)`` from (already constrained) logits."""
-        cfg, cd_k, temperature, top_p = self.processors()
-        if self.needs_unconditional:
-            if uncond is None:
-                raise ValueError(f"strategy {self} needs the unconditional stream")
-            guided = cfg(cond, uncond)
-        else:
-            guided = cond
-        if self.name == "greedy":
-            return guided
-        if self.name == "cd_k":
-            return temperature(cd_k(guided, uncond))
-        return top_p(temperature(guided))
+        """Selection scores ``(B, V)`` from (already constrained) logits: the chain applied in
+        order, the unconditional stream handed to the processors that contrast with it."""
+        if not self.needs_unconditional:
+            uncond = None  # CFG at weight 1 is the conditional stream itself
+        elif uncond is None:
+            raise ValueError(f"strategy {self} needs the unconditional stream")
+        for processor in self.chain:
+            cond = processor(cond, uncond) if processor.contrastive else processor(cond)
+        return cond
 
 
-def sample_plan(name: str, samples: int, **settings) -> list[Strategy]:
-    """One :class:`Strategy` per sample; ``mix`` alternates top-p and CD-K (CM3Leon §3)."""
-    names = ["top_p", "cd_k"] * samples if name == "mix" else [name] * samples
-    return [Strategy(n, **settings) for n in names[:samples]]
+def sample_plan(config: DecodingConfig, plan: str, samples: int, **overrides) -> list[Strategy]:
+    """One :class:`Strategy` per sample, cycling through plan ``plan``'s strategies
+    (:data:`~cm3leon.decoding_strategies.SAMPLE_PLANS`), with ``config``'s settings."""
+    if plan not in SAMPLE_PLANS:
+        raise ValueError(f"unknown sample plan {plan!r}; known: {list(SAMPLE_PLANS)}")
+    names = SAMPLE_PLANS[plan]
+    return [
+        Strategy.from_config(config, names[s % len(names)], **overrides) for s in range(samples)
+    ]
 
 
 class TokenSelector:

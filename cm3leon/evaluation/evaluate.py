@@ -36,19 +36,18 @@ import numpy as np
 from cm3leon.artifacts import atomic_dir, image_grid, write_png
 from cm3leon.config import DataConfig, EvaluateConfig
 from cm3leon.data.shapeworld_parser import ShapeWorldParser
-from cm3leon.decoding.multimodal import MultimodalModel
 from cm3leon.evaluation import studies
 from cm3leon.evaluation.inception import inception_features, load_inception
 from cm3leon.evaluation.metrics import frechet_distance
 from cm3leon.evaluation.tasks import (
+    SceneJudge,
     answer_strategy,
     load_test_set,
-    score_captioning,
-    score_image_task,
-    score_text_to_image,
-    score_vqa,
+    score_task,
     strategies,
 )
+from cm3leon.inference.multimodal import MultimodalModel
+from cm3leon.tasks import TASKS
 
 Log = Callable[[str], None]
 
@@ -72,6 +71,7 @@ def evaluate(
     sft, pretrain = models["sft"], models["pretrain"]
     shapeworld = data_config.shapeworld
     parser = ShapeWorldParser.from_config(shapeworld, data_config.image_size)
+    judge = SceneJudge(parser, shapeworld)
     test = load_test_set(
         corpus_dir, tokens_dir, sft.codec.decode_text, config.prompts, config.task_examples, seed
     )
@@ -87,32 +87,26 @@ def evaluate(
     for name, model in models.items():
         k = retrieved[name]
         tick = time.perf_counter()
-        result, rec, _ = score_text_to_image(
-            model, test.documents, parser, headline, k, seed, test.real_pixels
-        )
-        if inception is not None:
-            generated = np.stack([r["image"] for r in rec])
-            result["fid_inception"] = frechet_distance(
-                inception_features(inception, generated),
-                inception_features(inception, test.real_pixels),
-            )
-        metrics[name] = {"text_to_image": result}
-        records[name] = {"text_to_image": rec}
-        if name == "pretrain_no_retrieval":
-            seconds = time.perf_counter() - tick
-            log(f"{name}: text_to_image {result['accuracy']:.3f} ({seconds:.0f}s)")
-            continue
-        m, r = score_captioning(model, test.documents, shapeworld, answer, k, seed)
-        metrics[name]["captioning"], records[name]["captioning"] = m, r
-        m, r = score_vqa(model, test.tasks["vqa"], answer, k, seed)
-        metrics[name]["vqa"], records[name]["vqa"] = m, r
-        for task in ("editing", "grounding", "segmentation"):
-            plan = headline if task == "grounding" else answer
-            m, r = score_image_task(model, task, test.tasks[task], parser, plan, k, seed)
-            metrics[name][task], records[name][task] = m, r
+        metrics[name], records[name] = {}, {}
+        # The no-retrieval baseline serves the retrieval study: text-to-image only.
+        specs = [TASKS["text_to_image"]] if name == "pretrain_no_retrieval" else TASKS.values()
+        for spec in specs:
+            rows = test.documents if spec.table is None else test.tasks[spec.name]
+            # Text-conditioned image tasks draw the headline plan's samples and re-rank them;
+            # a task with a single right output gets one answer sample.
+            plan = headline if spec.query is not None else answer
+            real = test.real_pixels if spec.table is None and spec.output == "image" else None
+            result, rec = score_task(model, spec, rows, judge, plan, k, seed, real)
+            if inception is not None and real is not None:
+                generated = np.stack([r["image"] for r in rec])
+                result["fid_inception"] = frechet_distance(
+                    inception_features(inception, generated),
+                    inception_features(inception, real),
+                )
+            metrics[name][spec.name], records[name][spec.name] = result, rec
         log(
             f"{name}: "
-            + ", ".join(f"{t} {_headline(v):.3f}" for t, v in metrics[name].items())
+            + ", ".join(f"{t} {_headline(t, v):.3f}" for t, v in metrics[name].items())
             + f" ({time.perf_counter() - tick:.0f}s)"
         )
 
@@ -143,9 +137,9 @@ def evaluate(
     tables["pretrain_vs_sft"] = [
         {
             "task": task,
-            "metric": _metric_name(task),
-            "pretrain": round(_headline(metrics["pretrain"][task]), 4),
-            "sft": round(_headline(metrics["sft"][task]), 4),
+            "metric": TASKS[task].headline,
+            "pretrain": round(_headline(task, metrics["pretrain"][task]), 4),
+            "sft": round(_headline(task, metrics["sft"][task]), 4),
         }
         for task in metrics["sft"]
     ]
@@ -172,15 +166,8 @@ def evaluate(
     return metrics  # no wall-clock time inside out_dir: same seed, same bytes
 
 
-def _headline(task_metrics: dict) -> float:
-    for key in ("accuracy", "attribute_exact_match", "mean_iou"):
-        if key in task_metrics:
-            return float(task_metrics[key])
-    raise KeyError(f"no headline metric in {sorted(task_metrics)}")
-
-
-def _metric_name(task: str) -> str:
-    return {"captioning": "attribute_exact_match", "segmentation": "mean_iou"}.get(task, "accuracy")
+def _headline(task: str, task_metrics: dict) -> float:
+    return float(task_metrics[TASKS[task].headline])
 
 
 def _t2i_row(m: dict) -> dict:
@@ -259,7 +246,7 @@ def _write_generations(out, models, test, records, decoding, seed, retrieved) ->
     (out / "predictions").mkdir()
     for name in models:
         for task, rows in records[name].items():
-            if task in ("captioning", "vqa"):
+            if TASKS[task].output == "text":  # predictions files below, no images
                 continue
             folder = out / "generations" / name / task
             folder.mkdir(parents=True)
@@ -307,7 +294,7 @@ def _write_grids(out, models, test, records, count) -> None:
             out / "samples" / f"{name}_text_to_image.png", image_grid([real, generated], scale=3)
         )
     rows = []
-    for task in ("editing", "grounding", "segmentation"):
+    for task in (s.name for s in TASKS.values() if s.output == "image" and s.table is not None):
         examples = test.tasks[task][:count]
         if not examples:
             continue

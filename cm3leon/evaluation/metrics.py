@@ -16,7 +16,9 @@ Pure functions over strings and arrays; model inference happens elsewhere.
   following the reference ``pytorch-fid`` computation.
 - CLIPScore: Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
   Captioning", ``w * max(cos(text, image), 0)`` with ``w = 2.5``.
-- Masks: intersection-over-union of boolean masks, and binarization of rendered masks.
+- Masks: intersection-over-union of boolean masks, and binarization of rendered masks; both
+  live in :mod:`cm3leon.data.masks` (the tokenizer layer scores masks too) and are re-exported
+  here.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ import numpy as np
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from scipy import linalg
+
+# Re-exported (``as`` marks it for ruff): cm3leon.evaluation.tasks imports them from here.
+from cm3leon.data.masks import binarize_mask as binarize_mask
+from cm3leon.data.masks import mask_iou as mask_iou
 
 # --------------------------------------------------------------------------------------------
 # VQA (official vqaEval.py)
@@ -387,32 +393,3 @@ def clip_score(
         raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined")
     cos = np.sum(t * v, axis=1) / (t_norm * v_norm)
     return float(np.mean(weight * np.maximum(cos, 0.0)))
-
-
-# --------------------------------------------------------------------------------------------
-# Segmentation masks
-# --------------------------------------------------------------------------------------------
-
-
-def mask_iou(predicted: np.ndarray, target: np.ndarray) -> float:
-    """Intersection over union of two boolean masks of one shape (1.0 when both are empty)."""
-    p = np.asarray(predicted).astype(bool)
-    t = np.asarray(target).astype(bool)
-    if p.shape != t.shape:
-        raise ValueError(f"mask shapes differ: {p.shape} vs {t.shape}")
-    union = np.logical_or(p, t).sum()
-    if union == 0:
-        return 1.0
-    return float(np.logical_and(p, t).sum() / union)
-
-
-def binarize_mask(image: np.ndarray) -> np.ndarray:
-    """Turn an (H, W, 3) or (H, W) uint8 image into a bool mask: mean channel value > 127."""
-    x = np.asarray(image)
-    if x.dtype != np.uint8:
-        raise ValueError(f"binarize_mask expects a uint8 image, got dtype {x.dtype}")
-    if x.ndim == 2:
-        return x > 127
-    if x.ndim == 3 and x.shape[2] == 3:
-        return x.mean(axis=2) > 127
-    raise ValueError(f"binarize_mask expects shape (H, W) or (H, W, 3), got {x.shape}")

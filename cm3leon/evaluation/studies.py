@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cm3leon.config import DecodingConfig
-from cm3leon.decoding.multimodal import MultimodalModel, TaskInput, rerank_prefix
 from cm3leon.evaluation.tasks import judge_images, strategies
+from cm3leon.inference.multimodal import MultimodalModel, TaskInput, rerank_prefix
 
 
 def _row(metrics: dict, **setting) -> dict:

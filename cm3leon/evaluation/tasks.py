@@ -2,10 +2,11 @@
 
 :func:`load_test_set` picks a seeded sample of test documents and task rows (a task belongs to
 the split of its image, as in SFT) and joins the tokens with the corpus pixels the metrics
-need. Each ``score_*`` function runs one task through a
-:class:`~cm3leon.decoding.multimodal.MultimodalModel` and returns ``(metrics, records)``:
-metrics as plain floats, records one dict per example (prompt, output, correctness, retrieved
-documents) for the predictions files and the lineage of every generated sample.
+need. :func:`score_task` runs one task of the registry (:mod:`cm3leon.tasks`) through a
+:class:`~cm3leon.inference.multimodal.MultimodalModel` with the scorer its spec names
+(:data:`SCORERS`) and returns ``(metrics, records)``: metrics as plain floats, records one
+dict per example (prompt, output, correctness, retrieved documents) for the predictions files
+and the lineage of every generated sample.
 
 Judging is exact wherever ShapeWorld allows: generated images are read back by the template
 parser (every attribute of every object must be right for text-to-image, editing and
@@ -34,7 +35,6 @@ from cm3leon.data.shapeworld_parser import (
     same_objects,
     truth_objects,
 )
-from cm3leon.decoding.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.evaluation.metrics import (
     binarize_mask,
@@ -44,14 +44,25 @@ from cm3leon.evaluation.metrics import (
     mask_iou,
     vqa_accuracy,
 )
+from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
+from cm3leon.tasks import TABLE_TASKS, TaskSpec
 from cm3leon.tokenizers.tokens import read_split, read_task_tokens
 
 
 @dataclass
 class TestSet:
     documents: list[dict[str, Any]]  # id, caption, paraphrases, image_ids, objects, pixels
-    tasks: dict[str, list[dict[str, Any]]]  # vqa, editing, grounding, segmentation rows
+    tasks: dict[str, list[dict[str, Any]]]  # rows of each table task, by task name
     real_pixels: np.ndarray  # (N, H, W, 3) every test image, for FID
+
+
+@dataclass(frozen=True)
+class SceneJudge:
+    """What exact scoring needs: the ShapeWorld parser for images and the attribute lists for
+    captions. (Built by the evaluator for ShapeWorld corpora.)"""
+
+    parser: ShapeWorldParser
+    config: ShapeWorldConfig
 
 
 def load_test_set(
@@ -62,7 +73,9 @@ def load_test_set(
     task_examples: int,
     seed: int,
 ) -> TestSet:
-    """A seeded sample of ``prompts`` test documents and ``task_examples`` rows per task."""
+    """A seeded sample of ``prompts`` test documents and ``task_examples`` rows per table task
+    (in the registry's order, which fixes the draws). A row of a task that produces an image
+    also carries the true image, ``(H, W)`` or ``(H, W, 3)`` uint8, under its corpus column."""
     tokens = read_split(tokens_dir, "test").to_pylist()
     corpus = read_documents(corpus_dir, ["id", "image", "height", "width"], split="test")
     if [d["id"] for d in tokens] != corpus.column("id").to_pylist():
@@ -75,30 +88,32 @@ def load_test_set(
         by_id[d["id"]] = d
     rng = np.random.default_rng([seed, 0xE7A1])
     documents = [tokens[i] for i in _sample(rng, len(tokens), prompts)]
-    masks = {
-        (r["image_id"], r["instruction"]): r["mask"]
-        for r in read_task_table(corpus_dir, "segmentation").to_pylist()
-    }
     tasks = {}
-    for task, table in (
-        ("vqa", "vqa"),
-        ("editing", "edits"),
-        ("grounding", "grounding"),
-        ("segmentation", "segmentation"),
-    ):
+    for table, spec in TABLE_TASKS.items():
         rows = [
             r for r in read_task_tokens(tokens_dir, table).to_pylist() if r["image_id"] in by_id
         ]
         rows = [rows[i] for i in _sample(rng, len(rows), task_examples)]
+        truth = _true_images(corpus_dir, spec) if spec.scorer == "mask_iou" else {}
         for r in rows:
             r["image_ids"] = by_id[r["image_id"]]["image_ids"]
             r["pixels"] = by_id[r["image_id"]]["pixels"]
-            if task == "segmentation":
+            if truth:
                 size = r["pixels"].shape[0]
-                raw = masks[(r["image_id"], r["instruction"])]
-                r["mask"] = np.frombuffer(raw, np.uint8).reshape(size, size)
-        tasks[task] = rows
+                shape = (size, size) if spec.image.channels == 1 else (size, size, 3)
+                raw = truth[(r["image_id"], *(r[t] for t in spec.input_texts))]
+                r[spec.image.column] = np.frombuffer(raw, np.uint8).reshape(shape)
+        tasks[spec.name] = rows
     return TestSet(documents, tasks, pixels)
+
+
+def _true_images(corpus_dir, spec: TaskSpec) -> dict[tuple, bytes]:
+    """Raw true images of a task table, keyed by ``(image_id, *input texts)``."""
+    column = spec.image.column
+    return {
+        (r["image_id"], *(r[t] for t in spec.input_texts)): r[column]
+        for r in read_task_table(corpus_dir, spec.table).to_pylist()
+    }
 
 
 def _sample(rng: np.random.Generator, size: int, count: int) -> list[int]:
@@ -108,40 +123,60 @@ def _sample(rng: np.random.Generator, size: int, count: int) -> list[int]:
 def strategies(
     config: DecodingConfig, name: str, samples: int, cfg_weight: float
 ) -> list[Strategy]:
-    """One strategy per sample (:func:`sample_plan`) with the config's sampling settings."""
-    return sample_plan(
-        name,
-        samples,
-        cfg_weight=cfg_weight,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        cd_alpha=config.cd_alpha,
-        cd_k=config.cd_k,
-    )
+    """One strategy per sample of plan ``name`` (:func:`sample_plan`) at ``cfg_weight``."""
+    return sample_plan(config, name, samples, cfg_weight=cfg_weight)
 
 
 def answer_strategy(config: DecodingConfig) -> list[Strategy]:
-    """One sample for tasks with a single right output (captions, answers, edits, masks)."""
-    return [Strategy(config.answer_strategy, temperature=config.temperature, top_p=config.top_p)]
+    """One sample, without CFG, for tasks with a single right output (captions, answers,
+    edits, masks)."""
+    return [Strategy.from_config(config, config.answer_strategy, cfg_weight=1.0)]
 
 
-# --- text to image ------------------------------------------------------------------------------
-def score_text_to_image(
+def task_inputs(spec: TaskSpec, rows: Sequence[dict]) -> list[TaskInput]:
+    """The prompt inputs of each row: its input text fields and, when the template shows the
+    document's image, that image (Vocab ids, and pixels for retrieval by image)."""
+    unknown = [slot for slot in spec.input_images if slot != "image"]
+    if unknown:
+        raise ValueError(f"task {spec.name!r}: input images {unknown} have no source")
+    with_image = bool(spec.input_images)
+    return [
+        TaskInput(
+            texts={f: r[f] for f in spec.input_texts},
+            images={"image": r["image_ids"]} if with_image else {},
+            pixels=r["pixels"] if with_image else None,
+        )
+        for r in rows
+    ]
+
+
+def score_task(
     model: MultimodalModel,
-    documents: Sequence[dict],
-    parser: ShapeWorldParser,
+    spec: TaskSpec,
+    rows: Sequence[dict],
+    judge: SceneJudge,
     plan: list[Strategy],
     retrieved: int,
     seed: int,
     real_pixels: np.ndarray | None = None,
-) -> tuple[dict[str, float], list[dict], list[Generation]]:
-    items = [TaskInput(texts={"caption": d["caption"]}) for d in documents]
-    generations = model.run("text_to_image", items, plan, retrieved, seed)
-    metrics, records = judge_images(model, documents, generations, parser, "objects")
-    if real_pixels is not None and model.retriever is not None:
+) -> tuple[dict[str, float], list[dict]]:
+    """Generate for every row of task ``spec`` and score with its scorer (:data:`SCORERS`).
+    ``real_pixels``: real images for the feature-space metrics of a text-to-image task."""
+    generations = model.run(spec.name, task_inputs(spec, rows), plan, retrieved, seed)
+    return SCORERS[spec.scorer](model, spec, rows, generations, judge, real_pixels)
+
+
+# --- scorers ------------------------------------------------------------------------------------
+def score_scene(model, spec: TaskSpec, rows, generations, judge: SceneJudge, real_pixels):
+    """Images read back by the judge: exact scene against the row's ``spec.truth`` objects."""
+    metrics, records = judge_images(model, rows, generations, judge.parser, spec.truth)
+    if spec.table is not None:
+        for r, rec in zip(rows, records, strict=True):
+            rec.update({"image_id": r["image_id"], "instruction": r[spec.input_texts[0]]})
+    elif real_pixels is not None and model.retriever is not None:
         generated = np.stack([r["image"] for r in records])
-        metrics.update(feature_metrics(model, documents, generated, real_pixels))
-    return metrics, records, generations
+        metrics.update(feature_metrics(model, rows, generated, real_pixels))
+    return metrics, records
 
 
 def judge_images(
@@ -196,17 +231,16 @@ def feature_metrics(model, documents, generated, real_pixels) -> dict[str, float
     }
 
 
-# --- the other tasks ----------------------------------------------------------------------------
-def score_captioning(model, documents, config: ShapeWorldConfig, plan, retrieved, seed):
-    items = [TaskInput(images={"image": d["image_ids"]}, pixels=d["pixels"]) for d in documents]
-    generations = model.run("captioning", items, plan, retrieved, seed)
+def score_caption(model, spec: TaskSpec, documents, generations, judge: SceneJudge, _pixels):
+    """CIDEr-D / BLEU-4 against every paraphrase, and attribute exact match by the judge."""
     predictions = {d["id"]: g.text for d, g in zip(documents, generations, strict=True)}
     references = {d["id"]: d["paraphrases"] for d in documents}
     metrics = caption_scores(predictions, references)
+    config = judge.config
     exact = []
     records = []
     for d, g in zip(documents, generations, strict=True):
-        truth = truth_objects(scene_from_json(d["objects"]))
+        truth = truth_objects(scene_from_json(d[spec.truth]))
         parsed = parse_caption(g.text, config.grid_size, config.shapes, config.colors, config.sizes)
         exact.append(same_objects(truth, parsed))
         records.append(
@@ -222,17 +256,11 @@ def score_captioning(model, documents, config: ShapeWorldConfig, plan, retrieved
     return metrics, records
 
 
-def score_vqa(model, rows, plan, retrieved, seed):
-    items = [
-        TaskInput(
-            texts={"question": r["question"]}, images={"image": r["image_ids"]}, pixels=r["pixels"]
-        )
-        for r in rows
-    ]
-    generations = model.run("vqa", items, plan, retrieved, seed)
+def score_vqa(model, spec: TaskSpec, rows, generations, _judge, _pixels):
+    """The official VQA accuracy (one exact answer per question, as ten agreeing annotators)."""
     scores, by_type, records = [], {}, []
     for r, g in zip(rows, generations, strict=True):
-        score = vqa_accuracy(g.text, [r["answer"]] * 10)
+        score = vqa_accuracy(g.text, [r[spec.truth]] * 10)
         scores.append(score)
         by_type.setdefault(r["question_type"], []).append(score)
         records.append(
@@ -240,7 +268,7 @@ def score_vqa(model, rows, plan, retrieved, seed):
                 "image_id": r["image_id"],
                 "question": r["question"],
                 "answer": g.text,
-                "truth": r["answer"],
+                "truth": r[spec.truth],
                 "correct": score == 1.0,
             }
         )
@@ -249,49 +277,29 @@ def score_vqa(model, rows, plan, retrieved, seed):
     return metrics, records
 
 
-def score_image_task(model, task: str, rows, parser, plan, retrieved, seed):
-    """Editing and grounding: exact scene; segmentation: mask IoU."""
-    if task == "editing":
-        items = [
-            TaskInput(
-                texts={"instruction": r["instruction"]},
-                images={"image": r["image_ids"]},
-                pixels=r["pixels"],
-            )
-            for r in rows
-        ]
-    elif task == "grounding":
-        items = [TaskInput(texts={"prompt": r["prompt"]}) for r in rows]
-    else:
-        items = [
-            TaskInput(
-                texts={"instruction": r["instruction"]},
-                images={"image": r["image_ids"]},
-                pixels=r["pixels"],
-            )
-            for r in rows
-        ]
-    generations = model.run(task, items, plan, retrieved, seed)
-    if task in ("editing", "grounding"):
-        key = "target_objects" if task == "editing" else "objects"
-        metrics, records = judge_images(model, rows, generations, parser, key)
-        for r, rec in zip(rows, records, strict=True):
-            rec.update(
-                {"image_id": r["image_id"], "instruction": r.get("instruction", r.get("prompt"))}
-            )
-        return metrics, records
+def score_mask_iou(model, spec: TaskSpec, rows, generations, _judge, _pixels):
+    """IoU of the generated mask, binarized, with the true mask."""
     images = model.decode_ids([model.vocab.image_to_vocab(g.codes) for g in generations])
     ious, records = [], []
     for r, image, g in zip(rows, images, generations, strict=True):
-        iou = mask_iou(binarize_mask(image), r["mask"] > 127)
+        iou = mask_iou(binarize_mask(image), r[spec.image.column] > 127)
         ious.append(iou)
         records.append(
             {
                 "image_id": r["image_id"],
-                "instruction": r["instruction"],
+                "instruction": r[spec.input_texts[0]],
                 "iou": iou,
                 "image": image,
                 "retrieved": [d.provenance() for d in g.retrieved],
             }
         )
     return {"mean_iou": float(np.mean(ious)), "examples": len(rows)}, records
+
+
+# TaskSpec.scorer -> scorer(model, spec, rows, generations, judge, real_pixels).
+SCORERS = {
+    "scene": score_scene,
+    "caption": score_caption,
+    "vqa": score_vqa,
+    "mask_iou": score_mask_iou,
+}

@@ -20,17 +20,41 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cm3leon.artifacts import atomic_write_text
+from cm3leon.config import Params
 from cm3leon.lineage.lineage import format_lineage, trace
+from cm3leon.tasks import TASKS
 
-TASKS = ("text_to_image", "captioning", "vqa", "editing", "grounding", "segmentation")
-HEADLINE = {"captioning": "attribute_exact_match", "segmentation": "mean_iou"}
-MODELS = ("models/pretrain", "models/sft", "models/pretrain_no_retrieval")
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """The artifacts the report reads, as the report stage's command in ``dvc.yaml`` names
+    them (paths relative to the project root)."""
+
+    corpus: Path
+    validation: Path  # the validate stage's report folder
+    evaluation: Path  # the evaluate stage's output folder
+    models: Sequence[Path]  # exported model folders, traced in this order
+
+    @classmethod
+    def from_arguments(cls, options: Mapping[str, str]) -> ReportInputs:
+        """From the report stage's options (``--corpus``, ``--validation``, ``--eval``,
+        ``--models`` as a comma-separated list)."""
+        return cls(
+            Path(options["corpus"]),
+            Path(options["validation"]),
+            Path(options["eval"]),
+            tuple(Path(m) for m in options["models"].split(",") if m),
+        )
+
+
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
@@ -75,8 +99,8 @@ def metrics_rows(evaluation: dict) -> list[dict]:
     """One row per task: the headline metric of each evaluated model."""
     models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
     rows = []
-    for task in TASKS:
-        row: dict[str, Any] = {"task": task, "metric": HEADLINE.get(task, "accuracy")}
+    for task, spec in TASKS.items():
+        row: dict[str, Any] = {"task": task, "metric": spec.headline}
         for model in models:
             value = evaluation[model].get(task, {}).get(row["metric"])
             row[model] = value
@@ -125,15 +149,20 @@ def dag_svg(dvc_yaml: Path) -> str:
     return "".join(parts)
 
 
-def build_report(project: str | Path, out_file: str | Path, samples: int = 4) -> dict[str, Any]:
+def build_report(
+    project: str | Path,
+    inputs: ReportInputs,
+    params: Params,
+    out_file: str | Path,
+    samples: int = 4,
+) -> dict[str, Any]:
     """Write the report; returns a summary (sections written, models traced)."""
     root = Path(project)
-    reports = root / "reports"
-    evaluation = _read_json(reports / "eval" / "metrics.json") or {}
-    corpus = _read_json(root / "data" / "corpus" / "manifest.json") or {}
-    validation = _read_json(reports / "validation" / "metrics.json") or {}
-    summary_md = reports / "validation" / "summary.md"
-    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    eval_dir = root / inputs.evaluation
+    evaluation = _read_json(eval_dir / "metrics.json") or {}
+    corpus = _read_json(root / inputs.corpus / "manifest.json") or {}
+    validation = _read_json(root / inputs.validation / "metrics.json") or {}
+    summary_md = root / inputs.validation / "summary.md"
     sections = []
 
     sections.append(
@@ -164,14 +193,15 @@ def build_report(project: str | Path, out_file: str | Path, samples: int = 4) ->
                 }
             ]
         ),
-        "<h3>Procedure</h3>" + _procedure(root, params),
-        "<h3>Evaluation</h3>" + _studies(reports / "eval"),
+        "<h3>Procedure</h3>" + _procedure(root, inputs.models, params),
+        "<h3>Evaluation</h3>" + _studies(eval_dir),
         "<h3>Limitations</h3>" + _limitations(evaluation),
     ]
     sections.append("".join(model_card))
 
     quarantine = corpus.get("quarantined", 0)
-    source_params = params.get("data", {}).get(corpus.get("source", ""), {})
+    source = getattr(params.data, str(corpus.get("source")), None)
+    source_params = asdict(source) if source is not None else {}
     data_card = [
         "<h2>Data card</h2>",
         f"<p>Source: <b>{html.escape(str(corpus.get('source')))}</b> "
@@ -185,7 +215,8 @@ def build_report(project: str | Path, out_file: str | Path, samples: int = 4) ->
         ),
         "<h3>Splits</h3>" + _table([corpus.get("splits") or {}]),
         f"<h3>Quarantined rows</h3><p>{quarantine} rows set aside "
-        "(<code>data/corpus/quarantine.parquet</code>, each with its file, row and reason).</p>",
+        f"(<code>{html.escape(str(inputs.corpus / 'quarantine.parquet'))}</code>, each with "
+        "its file, row and reason).</p>",
         "<h3>Task tables</h3>" + _table([corpus.get("tasks") or {}]),
     ]
     sections.append("".join(data_card))
@@ -193,7 +224,7 @@ def build_report(project: str | Path, out_file: str | Path, samples: int = 4) ->
 
     traced = []
     lineage_parts = ["<h2>Lineage of each model</h2>"]
-    for model in MODELS:
+    for model in map(str, inputs.models):
         if (root / model).exists():
             try:
                 text = format_lineage(trace(root, model))
@@ -202,7 +233,7 @@ def build_report(project: str | Path, out_file: str | Path, samples: int = 4) ->
             traced.append(model)
             lineage_parts.append(f"<h3>{model}</h3><pre>{html.escape(text)}</pre>")
     sections.append("".join(lineage_parts))
-    sections.append(_samples(reports / "eval", samples))
+    sections.append(_samples(eval_dir, samples))
 
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -215,24 +246,23 @@ def build_report(project: str | Path, out_file: str | Path, samples: int = 4) ->
     return {"models_traced": traced, "metrics_rows": len(metrics_rows(evaluation))}
 
 
-def _procedure(root: Path, params: dict) -> str:
+def _procedure(root: Path, models: Sequence[Path], params: Params) -> str:
     rows = []
-    for model in MODELS:
+    for model in models:
         config = _read_json(root / model / "config.json")
         if config is None:
             continue
-        stage = "sft" if model.endswith("sft") else "pretrain"
-        train = params.get(stage, {}).get("train", {})
+        train = params.sft.train if config.get("stage") == "sft" else params.pretrain.train
         shape = config.get("shape", {})
         rows.append(
             {
-                "model": model,
+                "model": str(model),
                 "layers": shape.get("n_layer"),
                 "width": shape.get("d_model"),
                 "context": shape.get("max_seq_len"),
-                "steps": train.get("steps"),
-                "micro batch": train.get("micro_batch_size"),
-                "lr": train.get("lr"),
+                "steps": train.steps,
+                "micro batch": train.micro_batch_size,
+                "lr": train.lr,
                 "retrieval k max": config.get("retrieval_k_max"),
             }
         )

@@ -4,7 +4,8 @@ Each step draws a batch of train documents from a seeded generator and, for each
 caption paraphrases; image->text and text->image cross-entropies over the batch's cosine
 similarities (scaled by a learnable temperature, clamped at 100) are averaged. Documents whose
 caption sets are identical (the same scene drawn twice) count as positives of each other, so
-the loss never pushes apart true matches. AdamW, linear warmup, cosine decay.
+the loss never pushes apart true matches. AdamW, linear warmup, cosine decay to 0
+(:func:`cm3leon.schedules.warmup_cosine`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from cm3leon.config import RetrieverConfig, RetrieverTrainConfig
 from cm3leon.retrieval.dual_encoder import DualEncoder, image_input, pad_text
+from cm3leon.schedules import warmup_cosine
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -31,13 +33,6 @@ def contrastive_loss(
     positives = (groups[:, None] == groups[None, :]).float()
     targets = positives / positives.sum(1, keepdim=True)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
-
-
-def lr_at(step: int, config: RetrieverTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_dual_encoder(
@@ -62,7 +57,9 @@ def train_dual_encoder(
     model.train()
     for step in tqdm(range(train_config.steps), desc="train retriever", unit="step", mininterval=5):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_config)
+            group["lr"] = warmup_cosine(
+                step, train_config.steps, train_config.warmup_steps, peak=train_config.lr
+            )
         index = torch.randperm(len(images), generator=generator)[:batch_size]
         choice = torch.randint(0, 1 << 30, (batch_size,), generator=generator)
         texts = [

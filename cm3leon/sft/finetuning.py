@@ -1,8 +1,9 @@
 """Multi-task supervised fine-tuning from the pretrained model (the ``sft`` stage, CM3Leon §4).
 
-Examples come from the tokens artifact: text-to-image and captioning from the documents, VQA,
-editing, grounding and segmentation from the tokenized task tables, each rendered with its
-instruction template (:mod:`cm3leon.sft.templates`) and preceded by ``<bos>``. A task belongs
+Examples come from the tokens artifact, one list per task of the registry
+(:mod:`cm3leon.tasks`): text-to-image and captioning from the documents, VQA, editing,
+grounding and segmentation from the tokenized task tables, each rendered with its
+instruction template (:mod:`cm3leon.tokenizers.templates`) and preceded by ``<bos>``. A task belongs
 to the split of the image it is about. Training samples draw a task by the mixing weights and
 then an example (:mod:`cm3leon.sft.mixing`), keyed by the global sample number, and go through
 the same DeepSpeed loop, resume and export as pretraining (:mod:`cm3leon.training.loop`).
@@ -14,67 +15,58 @@ model, logged at step 0 as ``pretrain_val_<task>/…``) and during it (``val_<ta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from cm3leon.config import SFTConfig
+from cm3leon.model.io import load_decoder
 from cm3leon.sft.mixing import mixture
-from cm3leon.sft.templates import TASKS, TEMPLATES, render
+from cm3leon.tasks import TASKS
 from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.templates import phrasing_for, render
 from cm3leon.tokenizers.text import load_text_tokenizer
 from cm3leon.tokenizers.tokens import check_tokens, read_split, read_task_tokens
 from cm3leon.training.deepspeed_setup import init_distributed
-from cm3leon.training.loop import LogCallback, evaluate, full_state_dict, train
-from cm3leon.training.pretraining import export_model, load_decoder, run_key
-from cm3leon.training.sequences import TrainingSequence, collate
+from cm3leon.training.export import export_trained
+from cm3leon.training.loop import LogCallback, evaluate, train
+from cm3leon.training.run_key import run_key
+from cm3leon.training.sequences import TrainingSequence, collate, sample_numbers
 
 
 def build_examples(
     tokens_dir, codec: DocumentCodec, config: SFTConfig
 ) -> dict[str, dict[str, list]]:
-    """``{split: {task: [TrainingSequence]}}`` for train and val."""
+    """``{split: {task: [TrainingSequence]}}`` for train and val, every task of the registry."""
     documents = {s: read_split(tokens_dir, s).to_pylist() for s in ("train", "val")}
     split_of = {d["id"]: s for s, docs in documents.items() for d in docs}
     image_of = {d["id"]: d["image_ids"] for docs in documents.values() for d in docs}
     rows: dict[str, list[tuple[str, dict, dict]]] = {t: [] for t in TASKS}
-    for split, docs in documents.items():
-        for d in docs:
-            item = ({"caption": d["caption"]}, {"image": d["image_ids"]})
-            rows["text_to_image"].append((split, *item))
-            rows["captioning"].append((split, *item))
-    tables = {
-        "vqa": ("question", "answer", None),
-        "editing": ("instruction", None, "target_image_ids"),
-        "grounding": ("prompt", None, None),
-        "segmentation": ("instruction", None, "mask_image_ids"),
-    }
-    table_names = {
-        "vqa": "vqa",
-        "editing": "edits",
-        "grounding": "grounding",
-        "segmentation": "segmentation",
-    }
-    for task, (text_a, text_b, extra_image) in tables.items():
-        for r in read_task_tokens(tokens_dir, table_names[task]).to_pylist():
+    for name, spec in TASKS.items():
+        if spec.table is None:  # the documents themselves
+            for split, docs in documents.items():
+                for d in docs:
+                    rows[name].append(
+                        (split, {f: d[f] for f in spec.texts}, {"image": d["image_ids"]})
+                    )
+            continue
+        for r in read_task_tokens(tokens_dir, spec.table).to_pylist():
             split = split_of.get(r["image_id"])
             if split is None:
                 continue  # test-split images are kept for evaluation
-            texts = {text_a: r[text_a], **({text_b: r[text_b]} if text_b else {})}
             images = {"image": image_of[r["image_id"]]}
-            if extra_image:
-                images["target" if task == "editing" else "mask"] = r[extra_image]
-            rows[task].append((split, texts, images))
-    phrasing = {t: min(config.phrasing, len(TEMPLATES[t]) - 1) for t in TASKS}
+            if spec.image is not None:
+                images[spec.image.slot] = r[spec.image.tokens_column]
+            rows[name].append((split, {f: r[f] for f in spec.texts}, images))
     out: dict[str, dict[str, list]] = {
         "train": {t: [] for t in TASKS},
         "val": {t: [] for t in TASKS},
     }
     for task, items in rows.items():
+        phrasing = phrasing_for(task, config.phrasing)
         for split, texts, images in items:
-            example = render(task, phrasing[task], texts, images, codec, config.loss_on_output_only)
+            example = render(task, phrasing, texts, images, codec, config.loss_on_output_only)
             out[split][task].append(
                 TrainingSequence(
                     ids=[codec.vocab.bos, *example.ids],
@@ -94,8 +86,10 @@ def finetune(
     out_dir: str | Path,
     scratch_root: str | Path,
     on_log: LogCallback | None = None,
+    code: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Fine-tune and export; returns run facts. Call on every rank."""
+    """Fine-tune and export; returns run facts. Call on every rank. ``code``: the calling stage
+    script(s), part of the run key with this module (:mod:`cm3leon.training.run_key`)."""
     rank, world, device = init_distributed()
     model, vocab, meta, _ = load_decoder(pretrain_dir)
     manifest = check_tokens(tokens_dir, vocab)
@@ -109,18 +103,15 @@ def finetune(
             f"an SFT example has {longest} tokens; the model's context is {model.shape.max_seq_len}"
         )
     train_config = config.train
-    mix = mixture(
-        {t: len(examples["train"][t]) for t in TASKS},
-        {t: getattr(config.mixing, t) for t in TASKS},
-    )
+    mix = mixture({t: len(examples["train"][t]) for t in TASKS}, config.mixing)
+
+    size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
 
     def batch_for(step: int, micro: int, rank: int, world: int):
-        first = (step * train_config.gradient_accumulation_steps + micro) * world + rank
-        first *= train_config.micro_batch_size
-        picks = [mix.sample(first + b, seed) for b in range(train_config.micro_batch_size)]
+        numbers = sample_numbers(step, micro, rank, world, size, accumulation)
+        picks = [mix.sample(n, seed) for n in numbers]
         return collate([examples["train"][t][i] for t, i in picks], vocab.pad)
 
-    size = train_config.micro_batch_size
     validation = {}
     for task, seqs in examples["val"].items():
         seqs = seqs[: train_config.eval_batches * size]
@@ -133,7 +124,7 @@ def finetune(
         for name, batches in validation.items():
             metrics = evaluate(model, batches, vocab, device)
             on_log(0, {f"pretrain_{name}/{k}": v for k, v in metrics.items()})
-    key = run_key(config, seed, tokens_dir, pretrain_dir)
+    key = run_key(config, seed, (tokens_dir, pretrain_dir), (__file__, *code))
     trained = train(
         model,
         batch_for,
@@ -146,24 +137,18 @@ def finetune(
         device,
         on_log,
     )
-    state = full_state_dict(trained, train_config.zero_stage)
-    if rank == 0:
-        export_model(
-            state,
-            model.shape,
-            vocab,
-            out_dir,
-            {
-                "stage": "sft",
-                "tokens_vocab_fingerprint": manifest["vocab_fingerprint"],
-                "tokens_vq_fingerprint": manifest["vq_fingerprint"],
-                "pretrain_run_key": meta.get("run_key"),
-                "sft_config": asdict(config),
-                "run_key": key,
-            },
-        )
-    if world > 1:
-        dist.barrier()
+    export_meta = {
+        "stage": "sft",
+        "tokens_vocab_fingerprint": manifest["vocab_fingerprint"],
+        "tokens_vq_fingerprint": manifest["vq_fingerprint"],
+        "pretrain_run_key": meta.get("run_key"),
+        "sft_config": asdict(config),
+        "run_key": key,
+    }
+    shape = model.shape
+    export_trained(
+        trained, train_config.zero_stage, shape, vocab, out_dir, export_meta, rank, world
+    )
     return {
         "run_key": key,
         "examples": {s: {t: len(v) for t, v in d.items()} for s, d in examples.items()},

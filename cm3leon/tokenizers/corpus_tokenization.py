@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from cm3leon.config import DataConfig, TokenizeConfig
-from cm3leon.data.corpus import SPLITS, TASK_NAMES, decode_images, read_documents, read_task_table
+from cm3leon.data.corpus import SPLITS, decode_images, read_documents, read_task_table
 from cm3leon.data.shapeworld import scene_from_json
 from cm3leon.data.shapeworld_parser import (
     ShapeWorldParser,
@@ -31,6 +31,7 @@ from cm3leon.data.shapeworld_parser import (
     truth_objects,
 )
 from cm3leon.shards import SERIAL, ShardExecutor, map_rows
+from cm3leon.tasks import TABLE_TASKS
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import save_text_tokenizer, train_text_tokenizer
 from cm3leon.tokenizers.tokens import write_tokens
@@ -145,10 +146,16 @@ def _mask_rgb(masks: np.ndarray) -> np.ndarray:
 
 
 def _masks_by_split(corpus_dir, split_of: dict[str, str], image_size: int) -> dict[str, Any]:
-    table = read_task_table(corpus_dir, "segmentation")
-    pairs = list(
-        zip(table.column("image_id").to_pylist(), table.column("mask").to_pylist(), strict=True)
-    )
+    """The one-channel task images (segmentation masks) of each split, ``(N, H, W)`` or None."""
+    pairs = []
+    for name, spec in TABLE_TASKS.items():
+        if spec.image is not None and spec.image.channels == 1:
+            table = read_task_table(corpus_dir, name)
+            pairs += zip(
+                table.column("image_id").to_pylist(),
+                table.column(spec.image.column).to_pylist(),
+                strict=True,
+            )
     out: dict[str, Any] = {}
     for split in SPLITS:
         raws = [mask for image_id, mask in pairs if split_of.get(image_id) == split]
@@ -194,41 +201,35 @@ def _document_rows(table, codes, codec: DocumentCodec) -> list[dict[str, Any]]:
 
 
 def _task_rows(corpus_dir, encode, codec: DocumentCodec, image_size: int):
-    tables = {name: read_task_table(corpus_dir, name).to_pylist() for name in TASK_NAMES}
-    text = codec.encode_text
+    """Every task table of the registry tokenized: its text fields as ``<field>_ids``, the image
+    it produces (if any) encoded into its tokens column, every other column kept."""
+    out = {}
+    for name, spec in TABLE_TASKS.items():
+        rows = read_task_table(corpus_dir, name).to_pylist()
+        field = spec.image
+        codes = None
+        if field is not None:
+            raws = [r[field.column] for r in rows]
+            codes = encode(_field_images(raws, field.channels, image_size), f"encode {name}")
+        tokenized = []
+        for i, r in enumerate(rows):
+            row = {k: v for k, v in r.items() if field is None or k != field.column}
+            row.update({f"{t}_ids": codec.encode_text(r[t]) for t in spec.texts})
+            if field is not None:
+                row[field.tokens_column] = codec.encode_image(codes[i].tolist())
+            tokenized.append(row)
+        out[name] = tokenized
+    return out
+
+
+def _field_images(raws: list[bytes], channels: int, image_size: int) -> np.ndarray:
+    """Raw task-table images -> ``(N, H, W, 3)`` for the VQ (one channel: white on black)."""
     shape = (image_size, image_size)
-    edit_images = _stack([r["target_image"] for r in tables["edits"]], (*shape, 3))
-    mask_images = _mask_rgb(_stack([r["mask"] for r in tables["segmentation"]], shape))
-    edit_codes = encode(edit_images, "encode edits")
-    mask_codes = encode(mask_images, "encode masks")
-    return {
-        "vqa": [
-            {**r, "question_ids": text(r["question"]), "answer_ids": text(r["answer"])}
-            for r in tables["vqa"]
-        ],
-        "edits": [
-            {
-                "image_id": r["image_id"],
-                "instruction": r["instruction"],
-                "edit_type": r["edit_type"],
-                "instruction_ids": text(r["instruction"]),
-                "target_image_ids": codec.encode_image(edit_codes[i].tolist()),
-                "target_objects": r["target_objects"],
-            }
-            for i, r in enumerate(tables["edits"])
-        ],
-        "grounding": [{**r, "prompt_ids": text(r["prompt"])} for r in tables["grounding"]],
-        "segmentation": [
-            {
-                "image_id": r["image_id"],
-                "instruction": r["instruction"],
-                "instruction_ids": text(r["instruction"]),
-                "mask_image_ids": codec.encode_image(mask_codes[i].tolist()),
-                "target_object": r["target_object"],
-            }
-            for i, r in enumerate(tables["segmentation"])
-        ],
-    }
+    if channels == 3:
+        return _stack(raws, (*shape, 3))
+    if channels == 1:
+        return _mask_rgb(_stack(raws, shape))
+    raise ValueError(f"task images need 1 or 3 channels, not {channels}")
 
 
 def _val_metrics(

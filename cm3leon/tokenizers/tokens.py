@@ -7,7 +7,7 @@ Layout of ``data/tokens/`` (written atomically by :func:`write_tokens`)::
     train.parquet        documents of each split (schema: DOCUMENT_TOKENS_SCHEMA)
     val.parquet
     test.parquet
-    tasks/vqa.parquet    task tables with their text and images tokenized (TASK_TOKENS_SCHEMAS)
+    tasks/vqa.parquet    task tables with their text and images tokenized (schemas: cm3leon.tasks)
     tasks/edits.parquet
     tasks/grounding.parquet
     tasks/segmentation.parquet
@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cm3leon.artifacts import atomic_dir, atomic_write_json
-from cm3leon.data.corpus import SPLITS, TASK_NAMES
+from cm3leon.data.corpus import SPLITS
+from cm3leon.tasks import IDS, TABLE_TASKS
 from cm3leon.tokenizers.vocab import Vocab
 
 FORMAT_VERSION = 1
-IDS = pa.list_(pa.int32())
 
 DOCUMENT_TOKENS_SCHEMA = pa.schema(
     [
@@ -43,45 +43,6 @@ DOCUMENT_TOKENS_SCHEMA = pa.schema(
         ("objects", pa.string()),  # ShapeWorld truth (JSON) for exact scoring; null otherwise
     ]
 )
-TASK_TOKENS_SCHEMAS = {
-    "vqa": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("question", pa.string()),
-            ("answer", pa.string()),
-            ("question_type", pa.string()),
-            ("question_ids", IDS),
-            ("answer_ids", IDS),
-        ]
-    ),
-    "edits": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("instruction", pa.string()),
-            ("edit_type", pa.string()),
-            ("instruction_ids", IDS),
-            ("target_image_ids", IDS),
-            ("target_objects", pa.string()),
-        ]
-    ),
-    "grounding": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("prompt", pa.string()),
-            ("prompt_ids", IDS),
-            ("objects", pa.string()),
-        ]
-    ),
-    "segmentation": pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("instruction", pa.string()),
-            ("instruction_ids", IDS),
-            ("mask_image_ids", IDS),
-            ("target_object", pa.string()),
-        ]
-    ),
-}
 
 
 class TokensMismatchError(ValueError):
@@ -101,8 +62,8 @@ def write_tokens(
             table = pa.Table.from_pylist(documents.get(split, []), schema=DOCUMENT_TOKENS_SCHEMA)
             pq.write_table(table, tmp / f"{split}.parquet", compression="zstd")
         (tmp / "tasks").mkdir()
-        for name in TASK_NAMES:
-            table = pa.Table.from_pylist(tasks.get(name, []), schema=TASK_TOKENS_SCHEMAS[name])
+        for name, spec in TABLE_TASKS.items():
+            table = pa.Table.from_pylist(tasks.get(name, []), schema=spec.tokens_schema)
             pq.write_table(table, tmp / "tasks" / f"{name}.parquet", compression="zstd")
         vocab.save(tmp)
         manifest = {
@@ -110,7 +71,7 @@ def write_tokens(
             "vocab_fingerprint": vocab.fingerprint,
             "vocab_size": vocab.size,
             "documents": {s: len(documents.get(s, [])) for s in SPLITS},
-            "tasks": {n: len(tasks.get(n, [])) for n in TASK_NAMES},
+            "tasks": {n: len(tasks.get(n, [])) for n in TABLE_TASKS},
             **extra,
         }
         atomic_write_json(tmp / "manifest.json", manifest)
@@ -156,6 +117,6 @@ def read_split(tokens_dir: str | Path, split: str) -> pa.Table:
 
 
 def read_task_tokens(tokens_dir: str | Path, name: str) -> pa.Table:
-    if name not in TASK_TOKENS_SCHEMAS:
-        raise ValueError(f"unknown task {name!r}; known: {list(TASK_NAMES)}")
+    if name not in TABLE_TASKS:
+        raise ValueError(f"unknown task table {name!r}; known: {list(TABLE_TASKS)}")
     return pq.read_table(Path(tokens_dir) / "tasks" / f"{name}.parquet")

@@ -1,9 +1,9 @@
 """Train, save, load and measure the VQ image tokenizer (DESIGN.md §5).
 
 Training is a plain loop (STYLE.md §9): batches drawn from a seeded generator, AdamW with
-linear warmup then cosine decay, loss = MSE reconstruction + ``commitment`` x commitment loss;
-the codebook itself moves by EMA inside the quantizer. On CPU the same seed gives the same
-weights, hence byte-identical tokens downstream.
+linear warmup then cosine decay to 0 (:func:`cm3leon.schedules.warmup_cosine`), loss = MSE
+reconstruction + ``commitment`` x commitment loss; the codebook itself moves by EMA inside the
+quantizer. On CPU the same seed gives the same weights, hence byte-identical tokens downstream.
 
 Checkpoints are model folders (:mod:`cm3leon.checkpoints`: safetensors weights and codebook
 buffers + ``config.json`` with the :class:`~cm3leon.config.VQConfig`); the fingerprint travels
@@ -24,17 +24,12 @@ from tqdm import tqdm
 
 from cm3leon.checkpoints import load_model_folder, save_model_folder
 from cm3leon.config import ConfigError, VQConfig, VQTrainConfig, from_mapping
+from cm3leon.data.masks import binarize_mask
+from cm3leon.data.masks import mask_iou as single_mask_iou
+from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vq import VQModel, psnr, to_model_input, to_uint8
 
 StepCallback = Callable[[int, dict[str, float]], None]
-
-
-def lr_at(step: int, config: VQTrainConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to 0 at ``steps``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_vq(
@@ -57,7 +52,9 @@ def train_vq(
     progress = tqdm(range(train_config.steps), desc="train VQ", unit="step", mininterval=5)
     for step in progress:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, train_config)
+            group["lr"] = warmup_cosine(
+                step, train_config.steps, train_config.warmup_steps, peak=train_config.lr
+            )
         batch = to_model_input(
             data[torch.randint(0, len(data), (train_config.batch_size,), generator=generator)]
         )
@@ -136,12 +133,19 @@ def reconstruction_metrics(original: np.ndarray, reconstruction: np.ndarray) -> 
 
 
 def mask_iou(masks: np.ndarray, reconstructions: np.ndarray) -> float:
-    """Mean IoU between ``(N, H, W)`` 0/255 masks and reconstructed mask images (gray > 127)."""
-    truth = masks > 127
-    predicted = reconstructions.mean(axis=-1) > 127
-    union = (truth | predicted).sum(axis=(1, 2))
-    inter = (truth & predicted).sum(axis=(1, 2))
-    return float(np.mean(np.where(union > 0, inter / np.maximum(union, 1), 1.0)))
+    """Mean IoU of ``(N, H, W)`` uint8 0/255 masks and their ``(N, H, W, 3)`` reconstructions.
+
+    One pair at a time: :func:`cm3leon.data.masks.binarize_mask` on both, then
+    :func:`cm3leon.data.masks.mask_iou` (1.0 for a pair where both are empty).
+    """
+    return float(
+        np.mean(
+            [
+                single_mask_iou(binarize_mask(r), binarize_mask(m))
+                for m, r in zip(masks, reconstructions, strict=True)
+            ]
+        )
+    )
 
 
 def save_vq(model: VQModel, folder: str | Path) -> str:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.config import TrainConfig
+from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import deepspeed_config, use_bf16
 from cm3leon.training.sequences import Batch
@@ -37,12 +38,8 @@ LogCallback = Callable[[int, dict[str, float]], None]
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of ``config.lr`` at ``step``: linear warmup, cosine decay to min_lr_ratio."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1))
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+    """Multiplier of ``config.lr`` at ``step``: :func:`~cm3leon.schedules.warmup_cosine`."""
+    return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
 
 
 def weighted_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -7,30 +7,28 @@ model folder: safetensors weights + ``config.json`` (transformer shape, Vocab la
 fingerprints of the tokens it was trained on) + ``vocab.json``.
 
 Resumable checkpoints live under ``scratch_root/<run key>/``, the key hashing every input that
-shapes the run (params, seed, tokens and neighbor-table contents). A killed run resumes there;
-a changed input gets a new key and never resumes a stale checkpoint.
+shapes the run (params, seed, tokens and neighbor-table contents, the training code:
+:mod:`cm3leon.training.run_key`). A killed run resumes there; a changed input or code gets a
+new key and never resumes a stale checkpoint.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 
-from cm3leon.artifacts import atomic_dir
-from cm3leon.checkpoints import load_model_folder, save_model_folder
 from cm3leon.config import PretrainConfig
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.tokens import check_tokens, read_split
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import init_distributed
-from cm3leon.training.loop import LogCallback, full_state_dict, train
+from cm3leon.training.export import export_trained
+from cm3leon.training.loop import LogCallback, train
+from cm3leon.training.run_key import run_key
 from cm3leon.training.sequences import (
     RetrievalAugmentedSequences,
     TokenDocument,
@@ -71,19 +69,6 @@ def load_neighbors(
     return [[row_of[n] for n in by_id[i]] for i in ids]
 
 
-def run_key(config: Any, seed: int, *inputs: str | Path) -> str:
-    """Hash of everything that shapes a run — the stage's config dataclass, the seed and the
-    contents of its input folders: a checkpoint is resumed only under the same key."""
-    digest = hashlib.sha256(
-        json.dumps({"config": asdict(config), "seed": seed}, sort_keys=True).encode()
-    )
-    for folder in map(Path, inputs):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()[:16]
-
-
 def pretrain(
     tokens_dir: str | Path,
     retrieval_dir: str | Path,
@@ -92,8 +77,12 @@ def pretrain(
     out_dir: str | Path,
     scratch_root: str | Path,
     on_log: LogCallback | None = None,
+    code: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Train and export; returns run facts (key, parameters, shape). Call on every rank."""
+    """Train and export; returns run facts (key, parameters, shape). Call on every rank.
+
+    ``code``: the stage script(s) that called this; their import closure and this module's
+    are part of the run key (:mod:`cm3leon.training.run_key`)."""
     rank, world, device = init_distributed()
     vocab = Vocab.load(tokens_dir)
     tokens_manifest = check_tokens(tokens_dir, vocab)
@@ -143,7 +132,7 @@ def pretrain(
     validation = {"val": _validation_batches(sequences["val"], config, train_config)}
     torch.manual_seed(seed)
     model = DecoderLM(shape).to(device)
-    key = run_key(config, seed, tokens_dir, retrieval_dir)
+    key = run_key(config, seed, (tokens_dir, retrieval_dir), (__file__, *code))
     trained = train(
         model,
         batch_for,
@@ -156,23 +145,14 @@ def pretrain(
         device,
         on_log,
     )
-    state = full_state_dict(trained, train_config.zero_stage)  # every rank: ZeRO-3 gathers
-    if rank == 0:
-        export_model(
-            state,
-            shape,
-            vocab,
-            out_dir,
-            {
-                "stage": "pretrain",
-                "tokens_vocab_fingerprint": tokens_manifest["vocab_fingerprint"],
-                "tokens_vq_fingerprint": tokens_manifest["vq_fingerprint"],
-                "retrieval_k_max": config.retrieval_k_max,
-                "run_key": key,
-            },
-        )
-    if world > 1:
-        dist.barrier()
+    meta = {
+        "stage": "pretrain",
+        "tokens_vocab_fingerprint": tokens_manifest["vocab_fingerprint"],
+        "tokens_vq_fingerprint": tokens_manifest["vq_fingerprint"],
+        "retrieval_k_max": config.retrieval_k_max,
+        "run_key": key,
+    }
+    export_trained(trained, train_config.zero_stage, shape, vocab, out_dir, meta, rank, world)
     return {"run_key": key, "parameters": trained.num_parameters(), "shape": shape.to_dict()}
 
 
@@ -184,24 +164,3 @@ def _validation_batches(
     built = [sequences.build(i, k=config.retrieval_k_max, augment=False) for i in range(count)]
     size = train_config.micro_batch_size
     return [collate(built[i : i + size], sequences.vocab.pad) for i in range(0, count, size)]
-
-
-def export_model(
-    state: dict[str, torch.Tensor], shape: TransformerShape, vocab: Vocab, out_dir, extra: dict
-) -> str:
-    """Write the model folder atomically; returns its fingerprint."""
-    with atomic_dir(out_dir) as tmp:
-        fingerprint = save_model_folder(
-            tmp, state, {"shape": shape.to_dict(), "vocab": vocab.to_dict(), **extra}
-        )
-        vocab.save(tmp)
-    return fingerprint
-
-
-def load_decoder(folder: str | Path) -> tuple[DecoderLM, Vocab, dict[str, Any], str]:
-    """Rebuild an exported model: ``(model in eval mode, vocab, metadata, fingerprint)``."""
-    state, meta, fingerprint = load_model_folder(folder, "transformer")
-    vocab = Vocab.load(folder)
-    model = DecoderLM(TransformerShape.from_dict(meta["shape"]))
-    model.load_state_dict(state)
-    return model.eval(), vocab, meta, fingerprint

@@ -138,6 +138,17 @@ def collate(sequences: Sequence[TrainingSequence], pad: int) -> Batch:
     return Batch(inputs, targets, weights, query)
 
 
+def sample_numbers(
+    step: int, micro_step: int, rank: int, world: int, micro_batch: int, accumulation: int
+) -> range:
+    """Global sample numbers of one micro-batch, the one formula every training stream uses:
+    ``n = ((step * accumulation + micro_step) * world + rank) * micro_batch + b``. The samples
+    of one optimizer step are the same set for any split of the global batch across processes
+    and micro-steps, and a resumed run continues the same stream."""
+    first = ((step * accumulation + micro_step) * world + rank) * micro_batch
+    return range(first, first + micro_batch)
+
+
 def sample_indices(
     step: int,
     micro_step: int,
@@ -150,13 +161,10 @@ def sample_indices(
 ) -> list[int]:
     """Document indices for one micro-batch: a seeded permutation per epoch, walked in order.
 
-    Sample number ``n = ((step * accumulation + micro_step) * world + rank) * micro_batch + b``,
-    so the samples of one optimizer step are the same set for any split of the global batch
-    across processes and micro-steps.
+    The micro-batch's :func:`sample_numbers` index an endless stream of epochs.
     """
     out = []
-    for b in range(micro_batch):
-        n = ((step * accumulation + micro_step) * world + rank) * micro_batch + b
+    for n in sample_numbers(step, micro_step, rank, world, micro_batch, accumulation):
         epoch, position = divmod(n, dataset_size)
         out.append(int(_permutation(seed, epoch, dataset_size)[position]))
     return out

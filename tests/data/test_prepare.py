@@ -6,7 +6,6 @@ import numpy as np
 
 from cm3leon.config import DataConfig, ShapeWorldConfig
 from cm3leon.data.corpus import (
-    TASK_NAMES,
     decode_images,
     iter_documents,
     read_documents,
@@ -15,6 +14,7 @@ from cm3leon.data.corpus import (
 )
 from cm3leon.data.prepare import prepare_corpus
 from cm3leon.data.shapeworld import render_scene, scene_from_json
+from cm3leon.tasks import TABLE_TASKS
 
 CONFIG = DataConfig(shard_size=64, shapeworld=ShapeWorldConfig(num_images=200))
 
@@ -59,7 +59,7 @@ def test_corpus_contents(tmp_path):
         assert np.array_equal(images[i], render_scene(scene, 32, 3))
         assert table.column("caption")[i].as_py() in table.column("captions")[i].as_py()
     ids = set(table.column("id").to_pylist())
-    for name in TASK_NAMES:
+    for name in TABLE_TASKS:
         rows = read_task_table(tmp_path / "corpus", name)
         assert rows.num_rows > 0
         assert set(rows.column("image_id").to_pylist()) <= ids

@@ -58,7 +58,7 @@ def requests(strategies):
 @pytest.mark.parametrize("strategy", ["greedy", "top_p", "cd_k"])
 def test_cached_and_uncached_generation_agree(strategy):
     m = model()
-    plan = [Strategy(strategy, cfg_weight=2.5), Strategy("top_p", cfg_weight=1.0)]
+    plan = [Strategy.named(strategy, cfg_weight=2.5), Strategy.named("top_p", cfg_weight=1.0)]
     constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
     cached = generate(m, VOCAB, requests(plan), constraint, GRID + 1, seed=3)
     uncached = generate(m, VOCAB, requests(plan), constraint, GRID + 1, seed=3, use_cache=False)
@@ -70,8 +70,8 @@ def test_cached_and_uncached_generation_agree(strategy):
 def test_cfg_one_equals_plain_sampling_and_same_seed_repeats():
     m = model()
     constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
-    plain = [GenerationRequest(r.prompt, Strategy("top_p"), None) for r in requests([None])]
-    with_uncond = requests([Strategy("top_p", cfg_weight=1.0)])
+    plain = [GenerationRequest(r.prompt, Strategy.named("top_p"), None) for r in requests([None])]
+    with_uncond = requests([Strategy.named("top_p", cfg_weight=1.0)])
     a = generate(m, VOCAB, plain, constraint, GRID + 1, seed=5)
     b = generate(m, VOCAB, with_uncond, constraint, GRID + 1, seed=5)
     assert a == b == generate(m, VOCAB, plain, constraint, GRID + 1, seed=5)
@@ -80,7 +80,7 @@ def test_cfg_one_equals_plain_sampling_and_same_seed_repeats():
 def test_text_segments_stop_and_never_hold_image_ids():
     m = model()
     constraint = ModalityConstraint(VOCAB, GRID, "text", (VOCAB.eos,))
-    out = generate(m, VOCAB, requests([Strategy("top_p", top_p=1.0)]), constraint, 10, seed=1)
+    out = generate(m, VOCAB, requests([Strategy.named("top_p", top_p=1.0)]), constraint, 10, seed=1)
     for tokens in out:
         assert len(tokens) <= 10 and all(VOCAB.is_text(t) for t in tokens)
 
@@ -88,10 +88,10 @@ def test_text_segments_stop_and_never_hold_image_ids():
 def test_strategy_needing_the_unconditional_stream_requires_it():
     m = model()
     constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
-    bad = [GenerationRequest([VOCAB.bos, VOCAB.brk], Strategy("cd_k"), None)]
+    bad = [GenerationRequest([VOCAB.bos, VOCAB.brk], Strategy.named("cd_k"), None)]
     with pytest.raises(ValueError, match="unconditional prompt"):
         generate(m, VOCAB, bad, constraint, GRID + 1, seed=0)
-    too_long = [GenerationRequest([VOCAB.bos] * 45, Strategy("greedy"), None)]
+    too_long = [GenerationRequest([VOCAB.bos] * 45, Strategy.named("greedy"), None)]
     with pytest.raises(ValueError, match="context"):
         generate(m, VOCAB, too_long, constraint, GRID + 1, seed=0)
 
@@ -100,7 +100,7 @@ def test_strategy_needing_the_unconditional_stream_requires_it():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generation_on_gpu_matches_cpu():
     m = model()
-    plan = [Strategy("greedy", cfg_weight=2.0)]
+    plan = [Strategy.named("greedy", cfg_weight=2.0)]
     constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
     on_cpu = generate(m, VOCAB, requests(plan), constraint, GRID + 1, seed=0)
     on_gpu = generate(m.cuda(), VOCAB, requests(plan), constraint, GRID + 1, seed=0)

@@ -107,14 +107,17 @@ def test_modality_constraint_text_and_any():
 
 def test_strategy_composition_and_validation():
     cond = torch.randn(2, 6)
-    greedy = Strategy("greedy", cfg_weight=1.0)
+    greedy = Strategy.named("greedy", cfg_weight=1.0)
     assert not greedy.needs_unconditional
     assert torch.equal(greedy.scores(cond, None), cond)
-    assert Strategy("cd_k").needs_unconditional and Strategy("top_p", 2.0).needs_unconditional
+    assert (
+        Strategy.named("cd_k").needs_unconditional
+        and Strategy.named("top_p", cfg_weight=2.0).needs_unconditional
+    )
     with pytest.raises(ValueError, match="unknown decoding strategy"):
-        Strategy("beam")
+        Strategy.named("beam")
     with pytest.raises(ValueError, match="top_p"):
-        Strategy("top_p", top_p=0.0)
+        Strategy.named("top_p", top_p=0.0)
 
 
 def test_selector_is_seeded_and_greedy_is_argmax():

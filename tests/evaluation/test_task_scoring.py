@@ -1,16 +1,20 @@
 """Evaluation plumbing: strategy plans and the study helpers' re-ranking prefix."""
 
 from cm3leon.config import DecodingConfig
-from cm3leon.decoding.multimodal import Generation, rerank_prefix
 from cm3leon.evaluation.tasks import answer_strategy, strategies
+from cm3leon.inference.multimodal import Generation, rerank_prefix
 
 
 def test_mix_alternates_top_p_and_cd_k_with_shared_settings():
     config = DecodingConfig(cfg_weight=2.0, cd_alpha=0.3, cd_k=4, top_p=0.8)
     plan = strategies(config, "mix", 5, cfg_weight=3.0)
     assert [s.name for s in plan] == ["top_p", "cd_k", "top_p", "cd_k", "top_p"]
-    assert {s.cfg_weight for s in plan} == {3.0}  # the study's weight, not the headline one
-    assert {(s.cd_alpha, s.cd_k, s.top_p) for s in plan} == {(0.3, 4, 0.8)}
+    assert {s.settings.cfg_weight for s in plan} == {
+        3.0
+    }  # the study's weight, not the headline one
+    assert {(s.settings.cd_alpha, s.settings.cd_k, s.settings.top_p) for s in plan} == {
+        (0.3, 4, 0.8)
+    }
     assert [s.name for s in strategies(config, "cd_k", 2, 1.0)] == ["cd_k", "cd_k"]
     (answer,) = answer_strategy(config)
     assert answer.name == "greedy" and not answer.needs_unconditional

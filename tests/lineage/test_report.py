@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from cm3leon.artifacts import write_png
-from cm3leon.lineage.report import build_report, dag_svg
+from cm3leon.config import load_params
+from cm3leon.lineage.report import ReportInputs, build_report, dag_svg
+from cm3leon.project import stage_arguments
 
 from conftest import ROOT
 
@@ -47,7 +49,8 @@ def report(tmp_path_factory):
     manifest = {"source": "shapeworld", "num_documents": 10, "splits": {"train": 8, "test": 2}}
     (root / "data/corpus/manifest.json").write_text(json.dumps(manifest))
     out = root / "reports/index.html"
-    summary = build_report(root, out)
+    inputs = ReportInputs.from_arguments(stage_arguments(root, "report"))  # dvc.yaml's paths
+    summary = build_report(root, inputs, load_params(root / "params.yaml"), out)
     return out, summary
 
 

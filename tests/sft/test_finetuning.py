@@ -12,7 +12,7 @@ from cm3leon.config import (
 )
 from cm3leon.data.prepare import prepare_corpus
 from cm3leon.sft.finetuning import build_examples
-from cm3leon.sft.templates import TASKS
+from cm3leon.tasks import TASKS
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import load_text_tokenizer

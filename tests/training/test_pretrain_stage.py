@@ -26,9 +26,10 @@ from cm3leon.config import (
     VQTrainConfig,
 )
 from cm3leon.data.prepare import prepare_corpus
+from cm3leon.model.io import load_decoder
 from cm3leon.retrieval.memory_bank import build_memory_bank
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
-from cm3leon.training.pretraining import load_decoder, run_key
+from cm3leon.training.run_key import run_key
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = DataConfig(shapeworld=ShapeWorldConfig(num_images=120))
@@ -77,8 +78,13 @@ def params_file(folder: Path, **train) -> Path:
     return path
 
 
-def command(inputs: Path, out: Path, params: Path, launcher: list[str] | None = None) -> list[str]:
-    script = str(ROOT / "stages" / "pretrain.py")
+def command(
+    inputs: Path,
+    out: Path,
+    params: Path,
+    launcher: list[str] | None = None,
+    script: Path = ROOT / "stages" / "pretrain.py",
+) -> list[str]:
     args = [
         "--params",
         str(params),
@@ -95,7 +101,7 @@ def command(inputs: Path, out: Path, params: Path, launcher: list[str] | None = 
         "--scratch",
         str(out / "scratch"),
     ]
-    return [*(launcher or [sys.executable]), script, *args]
+    return [*(launcher or [sys.executable]), str(script), *args]
 
 
 def run(cmd, **kwargs):
@@ -176,17 +182,42 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(inputs, tmp
         assert torch.equal(a[name], b[name]), name
 
 
-def test_run_key_changes_with_params_and_inputs(inputs, tmp_path):
+def test_run_key_changes_with_params_inputs_and_code(inputs, tmp_path):
     base = PretrainConfig()
-    key = run_key(base, 1, inputs / "tokens", inputs / "retrieval")
-    assert key == run_key(base, 1, inputs / "tokens", inputs / "retrieval")
-    assert key != run_key(base, 2, inputs / "tokens", inputs / "retrieval")
-    changed = PretrainConfig(retrieval_k_max=1)
-    assert key != run_key(changed, 1, inputs / "tokens", inputs / "retrieval")
+    folders = (inputs / "tokens", inputs / "retrieval")
+    code = (tmp_path / "entry.py",)
+    code[0].write_text("import cm3leon.training.pretraining\n")
+    key = run_key(base, 1, folders, code)
+    assert key == run_key(base, 1, folders, code)
+    assert key != run_key(base, 2, folders, code)
+    assert key != run_key(PretrainConfig(retrieval_k_max=1), 1, folders, code)
     copy = tmp_path / "retrieval"
     shutil.copytree(inputs / "retrieval", copy)
     (copy / "manifest.json").write_text((copy / "manifest.json").read_text() + " ")
-    assert key != run_key(base, 1, inputs / "tokens", copy)
+    assert key != run_key(base, 1, (inputs / "tokens", copy), code)
+    code[0].write_text("import cm3leon.training.pretraining  # edited\n")
+    assert key != run_key(base, 1, folders, code)
+
+
+def test_a_code_change_retrains_instead_of_reexporting_the_old_run(inputs, tmp_path):
+    # A copy of the stage script stands in for the stage's code: editing it is a code change
+    # (the library's own files are in the key the same way, through the import closure).
+    stages = tmp_path / "stages"
+    shutil.copytree(ROOT / "stages", stages)
+    params = params_file(tmp_path, steps=4)
+    run(command(inputs, tmp_path, params, script=stages / "pretrain.py"))
+    first = load_decoder(tmp_path / "model")[2]["run_key"]
+    run(command(inputs, tmp_path, params, script=stages / "pretrain.py"))  # unchanged: resumes
+    assert load_decoder(tmp_path / "model")[2]["run_key"] == first
+    resumed = tmp_path / "live/plots/metrics/resumed_from_step.tsv"
+    assert resumed.is_file()
+    resumed.unlink()
+    script = stages / "pretrain.py"
+    script.write_text(script.read_text() + "\n# a code change\n")
+    run(command(inputs, tmp_path, params, script=script))
+    assert load_decoder(tmp_path / "model")[2]["run_key"] != first
+    assert not resumed.is_file()  # trained from step 0 under a new key
+    assert len(list((tmp_path / "scratch").iterdir())) == 2
 
 
 def test_two_processes_match_one_at_the_same_global_batch(inputs, tmp_path):

@@ -7,7 +7,8 @@ generations back into images or text.
 
 Prompts (CM3Leon §3-4):
 
-- every task uses its SFT instruction template (:mod:`cm3leon.sft.templates`) up to the output;
+- every task uses its instruction template (:mod:`cm3leon.tokenizers.templates`, phrasings in
+  the task registry :mod:`cm3leon.tasks`) up to the output;
   for text-to-image and grounding that is exactly the pretraining document format
   ``caption <break>`` followed by the image;
 - captioning with the *pretrain* model, never taught the instruction, is CM3 infilling: the
@@ -35,18 +36,15 @@ import numpy as np
 from cm3leon.decoding.generation import GenerationRequest, generate
 from cm3leon.decoding.processors import ModalityConstraint
 from cm3leon.decoding.selector import Strategy
+from cm3leon.model.io import load_decoder
 from cm3leon.retrieval.dual_encoder import DualEncoder
 from cm3leon.retrieval.search import MemoryBank, RetrievedDocument, context_ids
-from cm3leon.sft.templates import TEMPLATES, render_prompt
+from cm3leon.tasks import task as task_spec
 from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.templates import phrasing_for, render_prompt
 from cm3leon.tokenizers.text import load_text_tokenizer
 from cm3leon.tokenizers.tokens import read_tokens_manifest
 from cm3leon.tokenizers.vq_training import decode_codes, encode_images, load_vq
-from cm3leon.training.pretraining import load_decoder
-
-IMAGE_TASKS = ("text_to_image", "editing", "grounding", "segmentation")  # output: an image
-TEXT_TASKS = ("captioning", "vqa")  # output: text
-TEXT_QUERY = {"text_to_image": "caption", "grounding": "prompt"}  # retrieval/re-rank by text
 
 
 @dataclass
@@ -148,18 +146,15 @@ class MultimodalModel:
             image = list(item.images["image"])
             cond = [vocab.bos, *context, vocab.sentinel(0), vocab.brk, *image, vocab.sentinel(0)]
             return cond, cond
-        phrasing = min(self.phrasing, len(TEMPLATES[task]) - 1)
-        args = (task, phrasing, item.texts, item.images, self.codec)
+        args = (task, phrasing_for(task, self.phrasing), item.texts, item.images, self.codec)
         cond = [vocab.bos, *context, *render_prompt(*args)]
         uncond = [vocab.bos, *context, *render_prompt(*args, mask_text=True)]
         return cond, uncond
 
     def constraint(self, task: str) -> tuple[ModalityConstraint, int]:
         vocab, grid = self.vocab, self.codec.image_tokens
-        if task in IMAGE_TASKS:
+        if task_spec(task).output == "image":
             return ModalityConstraint(vocab, grid, "image", (vocab.eos,)), grid + 1
-        if task not in TEXT_TASKS:
-            raise ValueError(f"unknown task {task!r}; known: {[*IMAGE_TASKS, *TEXT_TASKS]}")
         stop = vocab.eos_span if (task == "captioning" and self.kind == "pretrain") else vocab.eos
         return ModalityConstraint(vocab, grid, "text", (stop,)), self.max_text_tokens
 
@@ -193,7 +188,7 @@ class MultimodalModel:
         for i, docs in enumerate(documents):
             samples = outputs[i * n : (i + 1) * n]
             results.append(Generation(task, samples, [s.name for s in strategies], 0, [], docs))
-        if task in IMAGE_TASKS:
+        if task_spec(task).output == "image":
             self._finish_images(task, items, results, rerank)
         else:
             for r in results:
@@ -243,8 +238,9 @@ class MultimodalModel:
             return [[] for _ in items]
         if self.bank is None:
             raise ValueError("retrieval asked for but no memory bank was loaded")
-        if task in TEXT_QUERY:
-            texts = [self.codec.encode_text(i.texts[TEXT_QUERY[task]]) for i in items]
+        query = task_spec(task).query
+        if query is not None:
+            texts = [self.codec.encode_text(i.texts[query]) for i in items]
             return self.bank.retrieve_text(texts, k)
         pixels = [i.pixels for i in items]
         if any(p is None for p in pixels):
@@ -254,13 +250,13 @@ class MultimodalModel:
     def _finish_images(self, task, items, results, rerank: bool) -> None:
         for r in results:
             r.sample_codes = [self.vocab.vocab_to_image(s) for s in r.samples]
-        use_rerank = rerank and task in TEXT_QUERY and self.retriever is not None
+        query = task_spec(task).query
+        use_rerank = rerank and query is not None and self.retriever is not None
         if use_rerank and len(results[0].samples) > 1:
             images = self.decode_ids([s for r in results for s in r.samples])
             image_emb = self.retriever.embed_image(images)
             queries = [
-                self.vocab.vocab_to_text(self.codec.encode_text(i.texts[TEXT_QUERY[task]]))
-                for i in items
+                self.vocab.vocab_to_text(self.codec.encode_text(i.texts[query])) for i in items
             ]
             text_emb = self.retriever.embed_text(queries)
             n = len(results[0].samples)

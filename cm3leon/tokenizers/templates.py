@@ -1,6 +1,9 @@
-"""Instruction templates for multi-task SFT (CM3Leon §4, adapted to ShapeWorld; issue 6).
+"""Instruction templates rendered to Vocab ids (CM3Leon §4, adapted to ShapeWorld).
 
-Every task has at least two phrasings. A template is a string in a tiny language:
+The phrasings of each task live in its :class:`~cm3leon.tasks.TaskSpec` (``templates``); SFT
+renders whole examples with them and inference renders prompts up to the output, so both see
+the same layout. Every task has at least two phrasings. A template is a string in a tiny
+language:
 
 - plain text, with ``{field}`` placeholders filled from the example's text fields;
 - ``<break>``: the Vocab's break token;
@@ -11,7 +14,8 @@ Every task has at least two phrasings. A template is a string in a tiny language
 Text segments are stripped of surrounding spaces, so ``a <break> b`` tokenizes ``a`` and ``b``
 exactly as written. Captioning puts the image *before* the caption it conditions ("Describe
 the given picture. <break> image <break> caption"), so generation reads the image first.
-Templates live here, in one place; which phrasing a run uses is a per-task index.
+Which phrasing a run uses is an index, clamped to each task's last phrasing
+(:func:`phrasing_for`).
 """
 
 from __future__ import annotations
@@ -20,38 +24,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cm3leon.tasks import task as task_spec
 from cm3leon.tokenizers.document import DocumentCodec
 
-TEMPLATES: dict[str, tuple[str, ...]] = {
-    "text_to_image": (
-        "{caption} <break> <output> <image:image>",
-        "Generate an image of: {caption} <break> <output> <image:image>",
-    ),
-    "captioning": (
-        "Describe the given picture. <break> <image:image> <break> <output> {caption}",
-        "What is in this image? <break> <image:image> <break> <output> {caption}",
-    ),
-    "vqa": (
-        "<image:image> <break> Question: {question} Answer: <output> {answer}",
-        "<image:image> <break> Q: {question} A: <output> {answer}",
-    ),
-    "editing": (
-        "Edit first image following the instruction <break> <image:image> <break> {instruction}"
-        " <break> <output> <image:target>",
-        "Apply the edit to the picture <break> <image:image> <break> {instruction}"
-        " <break> <output> <image:target>",
-    ),
-    "grounding": (
-        "{prompt} <break> <output> <image:image>",
-        "Draw exactly these objects: {prompt} <break> <output> <image:image>",
-    ),
-    "segmentation": (
-        "<image:image> <break> {instruction} <break> <output> <image:mask>",
-        "<image:image> <break> Show the mask: {instruction} <break> <output> <image:mask>",
-    ),
-}
-TASKS = tuple(TEMPLATES)
 _TOKEN = re.compile(r"(<break>|<output>|<image:[a-z_]+>)")
+
+
+def phrasing_for(task: str, phrasing: int) -> int:
+    """``phrasing``, or the task's last phrasing when it has fewer."""
+    return min(phrasing, len(task_spec(task).templates) - 1)
 
 
 @dataclass(frozen=True)
@@ -102,9 +83,7 @@ def _render(
     prompt_only: bool,
     mask_text: bool = False,
 ) -> tuple[list[int], int]:
-    if task not in TEMPLATES:
-        raise ValueError(f"unknown SFT task {task!r}; known: {list(TASKS)}")
-    options = TEMPLATES[task]
+    options = task_spec(task).templates
     if not 0 <= phrasing < len(options):
         raise ValueError(f"task {task!r} has phrasings 0..{len(options) - 1}, not {phrasing}")
     vocab = codec.vocab

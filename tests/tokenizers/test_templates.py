@@ -1,10 +1,10 @@
-"""SFT templates: exact token layouts per task, loss masking; the task-mixing sampler."""
+"""Instruction templates: exact token layouts per task, loss masking, prompts."""
 
 import pytest
 
-from cm3leon.sft.mixing import mixture
-from cm3leon.sft.templates import TASKS, TEMPLATES, render, render_prompt
+from cm3leon.tasks import TASKS
 from cm3leon.tokenizers.document import DocumentCodec
+from cm3leon.tokenizers.templates import phrasing_for, render, render_prompt
 from cm3leon.tokenizers.text import train_text_tokenizer
 from cm3leon.tokenizers.vocab import Vocab
 
@@ -26,9 +26,9 @@ B, E = VOCAB.brk, VOCAB.eos
 
 
 def test_every_task_has_two_phrasings_and_renders():
-    for task in TASKS:
-        assert len(TEMPLATES[task]) >= 2
-        for phrasing in range(len(TEMPLATES[task])):
+    for task, spec in TASKS.items():
+        assert len(spec.templates) >= 2 and phrasing_for(task, 7) == len(spec.templates) - 1
+        for phrasing in range(len(spec.templates)):
             example = render(task, phrasing, TEXTS, IMAGES, CODEC)
             assert example.ids[-1] == E and len(example.weights) == len(example.ids)
             assert 0 < example.output_start < len(example.ids)
@@ -104,7 +104,7 @@ def test_loss_on_output_only_masks_the_prompt():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown SFT task"):
+    with pytest.raises(ValueError, match="unknown task"):
         render("poetry", 0, TEXTS, IMAGES, CODEC)
     with pytest.raises(ValueError, match=r"phrasings 0\.\.1"):
         render("vqa", 2, TEXTS, IMAGES, CODEC)
@@ -114,22 +114,6 @@ def test_errors_name_the_problem():
         render("vqa", 0, {"question": "q"}, IMAGES, CODEC)
     with pytest.raises(ValueError, match="outside the Vocab's image range"):
         render("text_to_image", 0, TEXTS, {"image": [0, 1, 2, 3]}, CODEC)
-
-
-def test_mixing_proportions_follow_the_weights():
-    mix = mixture(
-        {"vqa": 1000, "captioning": 10, "editing": 0}, {"vqa": 1, "captioning": 3, "editing": 5}
-    )
-    assert mix.probabilities() == {"captioning": 0.75, "vqa": 0.25}  # editing has no examples
-    draws = [mix.sample(n, seed=0) for n in range(4000)]
-    share = sum(t == "captioning" for t, _ in draws) / len(draws)
-    assert share == pytest.approx(0.75, abs=0.03)  # captioning up-sampled 100x over its size
-    assert all(0 <= i < 10 for t, i in draws if t == "captioning")
-    assert draws == [mix.sample(n, seed=0) for n in range(4000)]
-    with pytest.raises(ValueError, match="unknown tasks"):
-        mixture({"vqa": 1}, {"poetry": 1.0})
-    with pytest.raises(ValueError, match="no task has"):
-        mixture({"vqa": 0}, {"vqa": 1.0})
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cm3leon.config import VQConfig
-from cm3leon.decoding.multimodal import MultimodalModel, TaskInput
 from cm3leon.decoding.selector import Strategy
+from cm3leon.inference.multimodal import MultimodalModel, TaskInput
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import train_text_tokenizer
@@ -46,7 +46,7 @@ def test_pretrain_captioning_is_infilling_and_sft_uses_the_template():
 def test_text_to_image_samples_are_whole_images_and_text_tasks_are_text():
     model = toy("sft")
     items = [TaskInput(texts={"caption": "a red circle"}), TaskInput(texts={"caption": "a"})]
-    plan = [Strategy("top_p", cfg_weight=2.0), Strategy("cd_k", cfg_weight=2.0)]
+    plan = [Strategy.named("top_p", cfg_weight=2.0), Strategy.named("cd_k", cfg_weight=2.0)]
     results = model.run("text_to_image", items, plan, seed=1)
     for r in results:
         assert len(r.samples) == 2 and r.strategies == ["top_p", "cd_k"]
@@ -57,7 +57,7 @@ def test_text_to_image_samples_are_whole_images_and_text_tasks_are_text():
     (answer,) = model.run(
         "vqa",
         [TaskInput({"question": "what color is it?"}, {"image": IMAGE})],
-        [Strategy("greedy")],
+        [Strategy.named("greedy")],
     )
     assert all(VOCAB.is_text(t) for t in answer.samples[0]) and len(answer.samples[0]) <= 6
     assert isinstance(answer.text, str)
@@ -70,15 +70,15 @@ def test_infilling_replaces_exactly_the_span():
     caption = model.codec.encode_text("a red circle at the top")
     document = [*caption, VOCAB.brk, *IMAGE]
     start = len(caption) + 1 + 10
-    filled = model.infill(document, (start, start + 5), Strategy("top_p"), seed=3)
+    filled = model.infill(document, (start, start + 5), Strategy.named("top_p"), seed=3)
     assert len(filled) == len(document)
     assert filled[:start] == document[:start] and filled[start + 5 :] == document[start + 5 :]
     assert all(VOCAB.is_image(t) for t in filled[start : start + 5])
-    text_filled = model.infill(document, (1, 3), Strategy("greedy"))
+    text_filled = model.infill(document, (1, 3), Strategy.named("greedy"))
     assert text_filled[0] == document[0] and text_filled[-65:] == document[-65:]
     assert all(VOCAB.is_text(t) for t in text_filled[1 : len(text_filled) - 65])
     with pytest.raises(ValueError, match="all text or all image"):
-        model.infill(document, (len(caption) - 1, len(caption) + 2), Strategy("greedy"))
+        model.infill(document, (len(caption) - 1, len(caption) + 2), Strategy.named("greedy"))
 
 
 def test_pixels_round_trip_through_the_vq_ids():
