@@ -4,6 +4,7 @@ results byte-identical to the serial path; bad settings and failing shards are l
 import importlib.util
 import subprocess
 import sys
+import time
 from functools import partial
 
 import numpy as np
@@ -54,15 +55,24 @@ def work():
     return encode_and_embed
 
 
-def task_run_states(flow_run_id) -> list[str]:
+def task_run_states(flow_run_id, expected: int, timeout: float = 60.0) -> list[str]:
+    """The flow run's task-run states once ``expected`` of them are final. Prefect 3 records
+    task-run states in the background, so right after the flow returns the API may still hold
+    some as PENDING or RUNNING; on a loaded machine that lag reaches seconds."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return [run.state.type.value for run in runs]
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        states = [run.state.type.value for run in runs]
+        final = [s for s in states if s not in ("PENDING", "SCHEDULED", "RUNNING")]
+        if len(final) >= expected or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +100,8 @@ def test_parallel_shards_equal_the_serial_path(runner, work, prefect_server):
     assert serial["codes"].shape == (ROWS, 16) and serial["text"].shape == (ROWS, 8)
     # every shard of the three maps ran as a task run of the stage's one flow run
     shards = len(shard_bounds(ROWS, BATCH, BATCHES_PER_SHARD))
-    assert task_run_states(parallel["flow_run_id"]) == ["COMPLETED"] * (3 * shards)
+    states = task_run_states(parallel["flow_run_id"], expected=3 * shards)
+    assert states == ["COMPLETED"] * (3 * shards)
 
 
 TEMPORARY_SERVER_SCRIPT = """
