@@ -5,7 +5,6 @@ the registry and the ShapeWorld builders only; the corpus, validation, tokens, S
 mixing weights and prompts then carry it without another line changed.
 """
 
-import pyarrow as pa
 import pytest
 
 from cm3leon.config import (
@@ -23,7 +22,7 @@ from cm3leon.data.prepare import prepare_corpus
 from cm3leon.data.validation import validate_corpus
 from cm3leon.evaluation.tasks import SCORERS, task_inputs
 from cm3leon.sft.finetuning import build_examples
-from cm3leon.tasks import IDS, TABLE_TASKS, TASKS, TaskSpec
+from cm3leon.tasks import TABLE_TASKS, TASKS, VQA, TaskSpec
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.templates import render_prompt
@@ -44,24 +43,8 @@ COUNTING = TaskSpec(
     headline="accuracy",
     needs_judge=False,
     truth="answer",
-    table_schema=pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("question", pa.string()),
-            ("answer", pa.string()),
-            ("question_type", pa.string()),
-        ]
-    ),
-    tokens_schema=pa.schema(
-        [
-            ("image_id", pa.string()),
-            ("question", pa.string()),
-            ("answer", pa.string()),
-            ("question_type", pa.string()),
-            ("question_ids", IDS),
-            ("answer_ids", IDS),
-        ]
-    ),
+    table_schema=VQA.table_schema,  # the same columns as VQA's table
+    tokens_schema=VQA.tokens_schema,
 )
 
 

@@ -90,7 +90,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune and export; returns run facts. Call on every rank. ``code``: the calling stage
     script(s), part of the run key with this module (:mod:`cm3leon.training.run_key`)."""
-    rank, world, device = init_distributed()
+    process = init_distributed()
+    rank, device = process.rank, process.device
     model, vocab, meta, _ = load_decoder(pretrain_dir)
     manifest = check_tokens(tokens_dir, vocab)
     codec = DocumentCodec(vocab, load_text_tokenizer(text_dir), manifest["image_tokens"])
@@ -125,18 +126,8 @@ def finetune(
             metrics = evaluate(model, batches, vocab, device)
             on_log(0, {f"pretrain_{name}/{k}": v for k, v in metrics.items()})
     key = run_key(config, seed, (tokens_dir, pretrain_dir), (__file__, *code))
-    trained = train(
-        model,
-        batch_for,
-        validation,
-        vocab,
-        train_config,
-        Path(scratch_root) / key,
-        rank,
-        world,
-        device,
-        on_log,
-    )
+    checkpoints = Path(scratch_root) / key
+    trained = train(model, batch_for, validation, vocab, train_config, checkpoints, process, on_log)
     export_meta = {
         "stage": "sft",
         "tokens_vocab_fingerprint": manifest["vocab_fingerprint"],
@@ -146,9 +137,7 @@ def finetune(
         "run_key": key,
     }
     shape = model.shape
-    export_trained(
-        trained, train_config.zero_stage, shape, vocab, out_dir, export_meta, rank, world
-    )
+    export_trained(trained, train_config.zero_stage, shape, vocab, out_dir, export_meta, process)
     return {
         "run_key": key,
         "examples": {s: {t: len(v) for t, v in d.items()} for s, d in examples.items()},

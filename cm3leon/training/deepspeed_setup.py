@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,8 +43,16 @@ def use_bf16(config: TrainConfig) -> bool:
     return config.precision == "bf16"
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start (or join) the process group; returns ``(rank, world_size, device)``."""
+class Process(NamedTuple):
+    """Where this training process runs: its rank, the world size, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def init_distributed() -> Process:
+    """Start (or join) the process group; returns this process's ``(rank, world, device)``."""
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain `python stage.py`: a world of one
@@ -63,7 +71,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     )
     if cuda:
         torch.cuda.set_device(device)
-    return rank, world, device
+    return Process(rank, world, device)
 
 
 def _free_port() -> int:

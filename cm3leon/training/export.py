@@ -16,6 +16,7 @@ from torch import nn
 from cm3leon.model.io import export_model
 from cm3leon.model.transformer import TransformerShape
 from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.training.deepspeed_setup import Process
 from cm3leon.training.loop import full_state_dict
 
 
@@ -26,12 +27,11 @@ def export_trained(
     vocab: Vocab,
     out_dir: str | Path,
     meta: dict[str, Any],
-    rank: int,
-    world: int,
+    process: Process,
 ) -> None:
     """Write ``model`` (as trained under ``zero_stage``) to ``out_dir``. Call on every rank."""
     state = full_state_dict(model, zero_stage)
-    if rank == 0:
+    if process.rank == 0:
         export_model(state, shape, vocab, out_dir, meta)
-    if world > 1:
+    if process.world > 1:
         dist.barrier()

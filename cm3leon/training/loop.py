@@ -31,7 +31,7 @@ from torch import nn
 from cm3leon.config import TrainConfig
 from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vocab import Vocab
-from cm3leon.training.deepspeed_setup import deepspeed_config, use_bf16
+from cm3leon.training.deepspeed_setup import Process, deepspeed_config, use_bf16
 from cm3leon.training.sequences import Batch
 
 LogCallback = Callable[[int, dict[str, float]], None]
@@ -67,9 +67,7 @@ def train(
     vocab: Vocab,
     config: TrainConfig,
     checkpoint_dir: str | Path,
-    rank: int,
-    world: int,
-    device: torch.device,
+    process: Process,
     on_log: LogCallback | None = None,
 ) -> nn.Module:
     """Train ``model``; ``batch_for(step, micro_step, rank, world)`` gives each micro-batch.
@@ -78,6 +76,8 @@ def train(
     trained module (unwrapped from the engine).
     """
     import deepspeed
+
+    rank, world, device = process
 
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))

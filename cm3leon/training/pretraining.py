@@ -83,7 +83,8 @@ def pretrain(
 
     ``code``: the stage script(s) that called this; their import closure and this module's
     are part of the run key (:mod:`cm3leon.training.run_key`)."""
-    rank, world, device = init_distributed()
+    process = init_distributed()
+    device = process.device
     vocab = Vocab.load(tokens_dir)
     tokens_manifest = check_tokens(tokens_dir, vocab)
     bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
@@ -133,18 +134,8 @@ def pretrain(
     torch.manual_seed(seed)
     model = DecoderLM(shape).to(device)
     key = run_key(config, seed, (tokens_dir, retrieval_dir), (__file__, *code))
-    trained = train(
-        model,
-        batch_for,
-        validation,
-        vocab,
-        train_config,
-        Path(scratch_root) / key,
-        rank,
-        world,
-        device,
-        on_log,
-    )
+    checkpoints = Path(scratch_root) / key
+    trained = train(model, batch_for, validation, vocab, train_config, checkpoints, process, on_log)
     meta = {
         "stage": "pretrain",
         "tokens_vocab_fingerprint": tokens_manifest["vocab_fingerprint"],
@@ -152,7 +143,7 @@ def pretrain(
         "retrieval_k_max": config.retrieval_k_max,
         "run_key": key,
     }
-    export_trained(trained, train_config.zero_stage, shape, vocab, out_dir, meta, rank, world)
+    export_trained(trained, train_config.zero_stage, shape, vocab, out_dir, meta, process)
     return {"run_key": key, "parameters": trained.num_parameters(), "shape": shape.to_dict()}
 
 
