@@ -94,7 +94,7 @@ def load_test_set(
             r for r in read_task_tokens(tokens_dir, table).to_pylist() if r["image_id"] in by_id
         ]
         rows = [rows[i] for i in _sample(rng, len(rows), task_examples)]
-        truth = _true_images(corpus_dir, spec) if spec.scorer == "mask_iou" else {}
+        truth = _true_images(corpus_dir, spec) if spec.image is not None else {}
         for r in rows:
             r["image_ids"] = by_id[r["image_id"]]["image_ids"]
             r["pixels"] = by_id[r["image_id"]]["pixels"]
