@@ -352,10 +352,14 @@ class IndexConfig:
 
 
 # Transformer shapes (STYLE.md §13: presets are data). `tiny` is for tests, `default` for the
-# 2-core CPU run; the others are the paper's shapes (Yu et al. 2023, Table 3), for GPU users.
+# 2-core CPU run, `cpu256` the CPU run's earlier, wider shape, `gpu` the GPU profile's (README);
+# the others are the paper's shapes (Yu et al. 2023, Table 3), for GPU users. `default` is
+# 4 x 128: at the CPU run's compute it beats 4 x 256 (issue 14's experiment table in README).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 384},
-    "default": {"n_layer": 4, "n_head": 4, "d_model": 256, "max_seq_len": 384},
+    "default": {"n_layer": 4, "n_head": 4, "d_model": 128, "max_seq_len": 384},
+    "cpu256": {"n_layer": 4, "n_head": 4, "d_model": 256, "max_seq_len": 384},
+    "gpu": {"n_layer": 8, "n_head": 8, "d_model": 512, "max_seq_len": 384},
     "350m": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 4096},
     "760m": {"n_layer": 24, "n_head": 24, "d_model": 1536, "max_seq_len": 4096},
     "7b": {"n_layer": 32, "n_head": 32, "d_model": 4096, "max_seq_len": 4096},
@@ -372,6 +376,7 @@ class ModelConfig:
     d_model: int | None = None
     max_seq_len: int | None = None
     init_std: float = 0.006  # truncated-normal init, as in the paper
+    image_positions: bool = False  # + a learned embedding of each image token's cell
 
     def __post_init__(self) -> None:
         _check(
@@ -408,6 +413,7 @@ class CM3Config:
     max_spans: int = 16
     max_span_length: int = 16  # span length ~ uniform[1, min(max_span_length, segment length)]
     unmasked_fraction: float = 0.1  # share of documents left as plain left-to-right text
+    null_condition_fraction: float = 0.0  # share of masked documents whose caption is span 0
 
     def __post_init__(self) -> None:
         where = "pretrain.cm3"
@@ -416,6 +422,11 @@ class CM3Config:
         _check(self.max_spans >= self.min_spans, f"{where}.max_spans", "must be >= min_spans")
         _check(self.max_span_length >= 1, f"{where}.max_span_length", "must be >= 1")
         _check(0 <= self.unmasked_fraction <= 1, f"{where}.unmasked_fraction", "must be in [0, 1]")
+        _check(
+            0 <= self.null_condition_fraction <= 1,
+            f"{where}.null_condition_fraction",
+            "must be in [0, 1]",
+        )
 
 
 @dataclass(frozen=True)

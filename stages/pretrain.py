@@ -8,19 +8,18 @@ Reads the tokens (`--tokens`) and the memory bank's neighbor table (`--retrieval
     torchrun --nproc_per_node 2 stages/pretrain.py <same arguments>
     deepspeed --hostfile hosts stages/pretrain.py <same arguments>
 
-`--no-retrieval` trains the baseline of the retrieval study: the same params with
-`retrieval_k_max` forced to 0 (stage `pretrain_no_retrieval`; equal steps and query documents,
-fewer tokens per step).
+`--no-retrieval` trains the baseline of the retrieval study at equal compute: the same params
+with `retrieval_k_max` forced to 0 and the steps raised until it sees as many training tokens
+(stage `pretrain_no_retrieval`; `equal_compute_baseline`).
 """
 
 import argparse
-import dataclasses
 import sys
 
 from stage_runtime import StageRun, run_stage
 
 from cm3leon.config import load_params
-from cm3leon.training.pretraining import pretrain
+from cm3leon.training.pretraining import equal_compute_baseline, pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         config = params.pretrain
         if args.no_retrieval:
-            config = dataclasses.replace(config, retrieval_k_max=0)
+            config = equal_compute_baseline(args.tokens, args.retrieval, config, params.base.seed)
+            print(f"pretrain: no-retrieval baseline, {config.train.steps} steps", flush=True)
         facts = pretrain(
             args.tokens,
             args.retrieval,

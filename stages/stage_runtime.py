@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cm3leon.artifacts import atomic_write_json
@@ -60,9 +61,12 @@ class StageRun:
         self._live.next_step()
 
     def close(self) -> None:
-        """End the dvclive run (its summary and plots under the live folder)."""
+        """End the dvclive run (its summary and plots under the live folder). A run that logged
+        no step (a stage that loaded a checkpoint instead of training) still leaves an empty
+        ``plots/metrics`` folder, the output ``dvc.yaml`` declares."""
         if self._live is not None:
             self._live.end()
+            Path(self._live.dir, "plots", "metrics").mkdir(parents=True, exist_ok=True)
             self._live = None
 
     def write_metrics(self, path: str, metrics: dict[str, Any]) -> dict[str, Any]:

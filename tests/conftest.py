@@ -76,6 +76,7 @@ TINY_PARAMS = {
         "task_examples": 6,
         "batch_size": 64,
         "grid_examples": 3,
+        "retrieved": 2,  # the default is 0; the tests exercise retrieval at inference
         "decoding": {"samples": 2},
         "studies": {
             "prompts": 4,

@@ -73,9 +73,18 @@ def check_evaluate_outputs(root):
         assert "fid_dual_encoder" in tasks["text_to_image"]
         assert {"cider_d", "bleu_4", "attribute_exact_match"} <= set(tasks["captioning"])
         assert 0 <= tasks["segmentation"]["mean_iou"] <= 1
+        # every headline number carries its 95% interval; images carry why they are wrong
+        t2i = tasks["text_to_image"]
+        low, high = t2i["accuracy_ci95"]
+        assert low <= t2i["accuracy"] <= high and high - low > 0.2  # 6 prompts: wide
+        assert {"object_count_accuracy", "objects_right"} <= set(t2i)
+        assert any(k.startswith("any_object_right_") for k in t2i)
+        assert len(tasks["captioning"]["attribute_exact_match_ci95"]) == 2
+        assert len(tasks["segmentation"]["mean_iou_ci95"]) == 2
     assert "text_to_image" in metrics["pretrain_no_retrieval"]
     eval_dir = root / "reports/eval"
     cfg_rows = list(csv.DictReader((eval_dir / "tables/cfg_weight.csv").open()))
+    assert all(float(r["accuracy_low"]) <= float(r["accuracy"]) for r in cfg_rows)
     assert [(r["strategy"], float(r["cfg_weight"])) for r in cfg_rows] == [
         ("top_p", 1.0),
         ("top_p", 3.0),

@@ -140,6 +140,8 @@ def evaluate(
             "metric": TASKS[task].headline,
             "pretrain": round(_headline(task, metrics["pretrain"][task]), 4),
             "sft": round(_headline(task, metrics["sft"][task]), 4),
+            **_headline_interval(task, "pretrain", metrics["pretrain"][task]),
+            **_headline_interval(task, "sft", metrics["sft"][task]),
         }
         for task in metrics["sft"]
     ]
@@ -170,6 +172,13 @@ def _headline(task: str, task_metrics: dict) -> float:
     return float(task_metrics[TASKS[task].headline])
 
 
+def _headline_interval(task: str, model: str, task_metrics: dict) -> dict:
+    low, high = task_metrics.get(f"{TASKS[task].headline}_ci95", (None, None))
+    if low is None:
+        return {}
+    return {f"{model}_low": round(low, 4), f"{model}_high": round(high, 4)}
+
+
 def _t2i_row(m: dict) -> dict:
     keys = (
         "accuracy",
@@ -178,7 +187,7 @@ def _t2i_row(m: dict) -> dict:
         "fid_dual_encoder",
         "clip_score_dual_encoder",
     )
-    return {k: round(float(m[k]), 4) for k in keys if k in m}
+    return {**{k: round(float(m[k]), 4) for k in keys if k in m}, **studies.interval_columns(m)}
 
 
 def _jsonable(obj):
@@ -218,14 +227,25 @@ def _plot(axis, name: str, rows: list[dict]) -> None:
     if name == "cfg_weight":
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
             sub = [r for r in rows if r["strategy"] == strategy]
-            axis.plot(
-                [r["cfg_weight"] for r in sub], [r["accuracy"] for r in sub], "o-", label=strategy
+            axis.errorbar(
+                [r["cfg_weight"] for r in sub],
+                [r["accuracy"] for r in sub],
+                _error_bars(sub),
+                fmt="o-",
+                capsize=3,
+                label=strategy,
             )
         axis.set_xlabel("CFG weight")
         axis.legend()
     elif name in ("samples", "retrieved_docs"):
         x = "samples" if name == "samples" else "retrieved"
-        axis.plot([r[x] for r in rows], [r["accuracy"] for r in rows], "o-")
+        axis.errorbar(
+            [r[x] for r in rows],
+            [r["accuracy"] for r in rows],
+            _error_bars(rows),
+            fmt="o-",
+            capsize=3,
+        )
         axis.set_xlabel(
             "samples per prompt (re-ranked)" if x == "samples" else "retrieved documents"
         )
@@ -240,6 +260,15 @@ def _plot(axis, name: str, rows: list[dict]) -> None:
     axis.set_ylabel("accuracy / IoU" if name == "pretrain_vs_sft" else "text-to-image accuracy")
     axis.set_ylim(0, 1.02)
     axis.set_title(name.replace("_", " "))
+
+
+def _error_bars(rows: list[dict]):
+    """95% interval of each row's accuracy as matplotlib's (below, above) error bars."""
+    if not all("accuracy_low" in r for r in rows):
+        return None
+    below = [max(r["accuracy"] - r["accuracy_low"], 0.0) for r in rows]
+    above = [max(r["accuracy_high"] - r["accuracy"], 0.0) for r in rows]
+    return np.array([below, above])
 
 
 def _write_generations(out, models, test, records, decoding, seed, retrieved) -> None:

@@ -393,3 +393,36 @@ def clip_score(
         raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined")
     cos = np.sum(t * v, axis=1) / (t_norm * v_norm)
     return float(np.mean(weight * np.maximum(cos, 0.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Intervals
+# --------------------------------------------------------------------------------------------
+def wilson_interval(successes: float, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927; Brown, Cai & DasGupta 2001):
+    ``(low, high)`` at 95% by default. Unlike ``p +- z sqrt(p(1-p)/n)`` it stays inside
+    ``[0, 1]`` and keeps its width at ``p = 0`` or ``1``. ``successes`` may be fractional (a
+    mean of per-example scores in ``[0, 1]`` times ``trials``); ``trials = 0`` gives ``(0, 1)``.
+    """
+    if trials < 0 or not 0 <= successes <= trials:
+        raise ValueError(
+            f"wilson_interval needs 0 <= successes <= trials, got {successes}/{trials}"
+        )
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    center = (p + z * z / (2 * trials)) / denominator
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return float(max(center - half, 0.0)), float(min(center + half, 1.0))
+
+
+def mean_interval(values: Sequence[float], z: float = 1.959964) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean of scores in ``[0, 1]`` (e.g. mask IoUs),
+    ``mean +- z s / sqrt(n)``, clipped to ``[0, 1]``; ``(0, 1)`` without values."""
+    if len(values) == 0:
+        return 0.0, 1.0
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    half = z * float(array.std(ddof=1)) / np.sqrt(len(array)) if len(array) > 1 else 1.0
+    return max(mean - half, 0.0), min(mean + half, 1.0)

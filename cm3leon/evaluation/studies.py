@@ -33,7 +33,20 @@ def _row(metrics: dict, **setting) -> dict:
         "size_accuracy",
         "position_accuracy",
     )
-    return {**setting, **{k: round(float(metrics[k]), 4) for k in keep if k in metrics}}
+    row = {**setting, **{k: round(float(metrics[k]), 4) for k in keep if k in metrics}}
+    return {**row, **interval_columns(metrics)}
+
+
+def interval_columns(metrics: dict) -> dict:
+    """``accuracy_low``/``accuracy_high`` (95% Wilson) and the examples behind them, the
+    columns every accuracy table carries; per object count too when the metrics have them."""
+    columns = {}
+    for key in ("accuracy", "accuracy_1_objects", "accuracy_2_objects"):
+        if f"{key}_ci95" in metrics:
+            low, high = metrics[f"{key}_ci95"]
+            columns[f"{key}_low"], columns[f"{key}_high"] = round(low, 4), round(high, 4)
+    columns["examples"] = metrics.get("examples")
+    return columns
 
 
 def cfg_study(

@@ -42,7 +42,9 @@ from cm3leon.evaluation.metrics import (
     clip_score,
     frechet_distance,
     mask_iou,
+    mean_interval,
     vqa_accuracy,
+    wilson_interval,
 )
 from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.tasks import TABLE_TASKS, TaskSpec
@@ -192,12 +194,18 @@ def judge_images(
     chosen = [g.sample_codes[b] for g, b in zip(generations, picks, strict=True)]
     images = model.decode_ids([model.vocab.image_to_vocab(c) for c in chosen])
     agreements, by_count, records = [], {}, []
+    counted, right, any_right = [], [], {}
     for row, image, generation, pick in zip(rows, images, generations, picks, strict=True):
         truth = truth_objects(scene_from_json(row[truth_key]))
         parsed = parser.parse(image)
         agreement = compare_scene(truth, parsed)
         agreements.append(agreement)
         by_count.setdefault(len(truth), []).append(agreement.exact)
+        # Why a scene is wrong: the object count, and which true objects came out exactly.
+        counted.append(len(parsed) == len(truth))
+        exact_objects = sum(same_objects([t], [p]) for t in truth for p in parsed)
+        right.append((exact_objects, len(truth)))
+        any_right.setdefault(len(truth), []).append(exact_objects > 0)
         records.append(
             {
                 "correct": bool(agreement.exact),
@@ -209,12 +217,18 @@ def judge_images(
             }
         )
     summary = agreement_summary(agreements)
+    exact = [a.exact for a in agreements]
     metrics = {"accuracy": summary["exact_scene_rate"], "examples": len(rows)}
+    metrics["accuracy_ci95"] = wilson_interval(sum(exact), len(exact))
     for name in ("position", "shape", "color", "size"):
         metrics[f"{name}_accuracy"] = summary[f"{name}_accuracy"]
+    metrics["object_count_accuracy"] = float(np.mean(counted)) if counted else 0.0
+    metrics["objects_right"] = sum(r for r, _ in right) / max(sum(n for _, n in right), 1)
     for count, values in sorted(by_count.items()):
         metrics[f"accuracy_{count}_objects"] = float(np.mean(values))
+        metrics[f"accuracy_{count}_objects_ci95"] = wilson_interval(sum(values), len(values))
         metrics[f"examples_{count}_objects"] = len(values)
+        metrics[f"any_object_right_{count}_objects"] = float(np.mean(any_right[count]))
     return metrics, records
 
 
@@ -252,6 +266,7 @@ def score_caption(model, spec: TaskSpec, documents, generations, judge: SceneJud
             }
         )
     metrics["attribute_exact_match"] = float(np.mean(exact))
+    metrics["attribute_exact_match_ci95"] = wilson_interval(sum(exact), len(exact))
     metrics["examples"] = len(documents)
     return metrics, records
 
@@ -273,6 +288,8 @@ def score_vqa(model, spec: TaskSpec, rows, generations, _judge, _pixels):
             }
         )
     metrics = {"accuracy": float(np.mean(scores)), "examples": len(rows)}
+    # one exact answer per question: every score is 0 or 1, a proportion
+    metrics["accuracy_ci95"] = wilson_interval(sum(scores), len(scores))
     metrics.update({f"accuracy_{t}": float(np.mean(v)) for t, v in sorted(by_type.items())})
     return metrics, records
 
@@ -293,7 +310,9 @@ def score_mask_iou(model, spec: TaskSpec, rows, generations, _judge, _pixels):
                 "retrieved": [d.provenance() for d in g.retrieved],
             }
         )
-    return {"mean_iou": float(np.mean(ious)), "examples": len(rows)}, records
+    metrics = {"mean_iou": float(np.mean(ious)), "examples": len(rows)}
+    metrics["mean_iou_ci95"] = mean_interval(ious)
+    return metrics, records
 
 
 # TaskSpec.scorer -> scorer(model, spec, rows, generations, judge, real_pixels).

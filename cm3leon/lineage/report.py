@@ -96,14 +96,18 @@ def _fmt(value: Any) -> str:
 
 
 def metrics_rows(evaluation: dict) -> list[dict]:
-    """One row per task: the headline metric of each evaluated model."""
+    """One row per task: the headline metric of each evaluated model, and its 95% interval
+    where the evaluation reports one."""
     models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
     rows = []
     for task, spec in TASKS.items():
         row: dict[str, Any] = {"task": task, "metric": spec.headline}
         for model in models:
-            value = evaluation[model].get(task, {}).get(row["metric"])
-            row[model] = value
+            metrics = evaluation[model].get(task, {})
+            row[model] = metrics.get(row["metric"])
+            interval = metrics.get(f"{row['metric']}_ci95")
+            if interval is not None:
+                row[f"{model} 95%"] = f"[{interval[0]:.2f}, {interval[1]:.2f}]"
         rows.append(row)
     return rows
 
@@ -301,7 +305,8 @@ def _limitations(evaluation: dict) -> str:
         items.append(
             f"Text-to-image accuracy of the SFT model: {_fmt(t2i.get('accuracy_1_objects'))} on "
             f"one-object and {_fmt(t2i.get('accuracy_2_objects'))} on two-object prompts; "
-            "two-object scenes are mostly unseen compositions at this data size."
+            "two-object samples mostly draw two objects in the right cells but bind colors and "
+            "shapes to the wrong one (README, Quality experiments)."
         )
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 

@@ -17,7 +17,13 @@ Sampling, exactly (all draws from the given ``numpy.random.Generator``, in this 
 2. Otherwise ``n = clip(rng.poisson(poisson_lambda), min_spans, max_spans)``, then capped by
    ``vocab.num_sentinels`` and by the number of non-special tokens (every span needs one).
 3. The *free runs* start as the segments: maximal runs of non-special tokens, so a span never
-   contains or crosses ``<break>``, ``<eos>`` or any other special token. For each of the n
+   contains or crosses ``<break>``, ``<eos>`` or any other special token. Then, only when
+   ``null_condition_fraction > 0``: ``rng.random() < null_condition_fraction`` makes the first
+   span the whole first segment (the caption of ``caption <break> image``), so the document
+   reads ``<mask:0> <break> image ... <mask:0> caption <eos_span>``: the masked-caption prompt
+   of classifier-free guidance's unconditional stream, trained on purpose (as LlamaGen's
+   ``class_dropout_prob``, Show-o's ``cond_dropout_prob``, Emu3's ``null_prompt_prob``); a
+   span drawn at random covers a whole caption only by chance. For each of the remaining
    spans: pick a free run with probability proportional to its length
    (``rng.choice(..., p=...)``), a length ``rng.integers(1, min(max_span_length, run) + 1)``
    (uniform in ``[1, min(max_span_length, run length)]``), and a start uniform among the places
@@ -48,12 +54,16 @@ class MaskedDocument:
     ``ids``: the transformed tokens. ``loss_weights[j]``: weight of the loss for *predicting*
     ``ids[j]`` (from ``ids[:j]``): 0.0 where ``ids[j]`` is a sentinel ``<mask:i>`` (both in place
     of its span and opening the appended span), 1.0 elsewhere. ``spans``: ``(start, end)``
-    half-open positions of the masked spans in the original ids, left to right.
+    half-open positions of the masked spans in the original ids, left to right. ``source[j]``:
+    the position in the original ids that ``ids[j]`` came from (-1 for the sentinels and
+    ``<eos_span>``), so per-token facts of the document (an image token's cell) follow the
+    tokens through the transform.
     """
 
     ids: list[int]
     loss_weights: list[float]
     spans: list[tuple[int, int]]
+    source: list[int]
 
 
 def segments(ids: Sequence[int], vocab: Vocab) -> list[tuple[int, int]]:
@@ -88,7 +98,9 @@ def cm3_mask_spans(
         n = min(n, vocab.num_sentinels, capacity)
 
     spans: list[tuple[int, int]] = []
-    for _ in range(n):
+    if n and config.null_condition_fraction > 0 and rng.random() < config.null_condition_fraction:
+        spans.append(free.pop(0))
+    for _ in range(n - len(spans)):
         if not free:  # earlier spans took every maskable token
             break
         lengths = np.array([end - start for start, end in free], dtype=np.float64)
@@ -103,17 +115,21 @@ def cm3_mask_spans(
 
     out: list[int] = []
     weights: list[float] = []
+    source: list[int] = []
     position = 0
     for i, (start, end) in enumerate(spans):
         out += [*ids[position:start], vocab.sentinel(i)]
         weights += [1.0] * (start - position) + [0.0]
+        source += [*range(position, start), -1]
         position = end
     out += ids[position:]
     weights += [1.0] * (len(ids) - position)
+    source += range(position, len(ids))
     for i, (start, end) in enumerate(spans):
         out += [vocab.sentinel(i), *ids[start:end], vocab.eos_span]
         weights += [0.0] + [1.0] * (end - start) + [1.0]
-    return MaskedDocument(ids=out, loss_weights=weights, spans=spans)
+        source += [-1, *range(start, end), -1]
+    return MaskedDocument(ids=out, loss_weights=weights, spans=spans, source=source)
 
 
 def cm3_unmask(ids: Sequence[int], vocab: Vocab) -> list[int]:

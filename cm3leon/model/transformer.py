@@ -6,6 +6,13 @@ The paper's choices, all on by default and not switchable (STYLE.md §10):
 * LayerNorm without learnable parameters (``elementwise_affine=False``), pre-norm blocks and a
   final norm before the output head;
 * learned absolute position embeddings;
+* optionally (``image_cells > 0``, ``pretrain.model.image_positions``) a learned embedding of
+  each image token's *cell* in its image (1 .. ``image_cells``, raster order), added to the
+  absolute position. This is this project's addition, in the spirit of LlamaGen's 2D RoPE: with
+  absolute positions alone an image cell's index shifts with the caption's length and the
+  retrieved documents before it. Cells come from the ids (the token's place in its run of
+  image ids; the cache carries each row's run) unless the caller passes the true ``cells``
+  (CM3-masked training sequences, whose moved spans would restart a run);
 * truncated-normal init with ``std = init_std`` (0.006), cut at +-2 std, and zero-initialised
   output projections (attention out-projection and MLP down-projection of every block), so at
   init every block is the identity on the residual stream;
@@ -50,6 +57,8 @@ class TransformerShape:
     d_model: int
     max_seq_len: int
     init_std: float = 0.006
+    image_cells: int = 0  # > 0: image tokens get a cell embedding (tokens per image)
+    image_offset: int = 0  # first image id; image ids are [image_offset, vocab_size)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
@@ -62,6 +71,13 @@ class TransformerShape:
             )
         if self.init_std <= 0:
             raise ValueError(f"TransformerShape.init_std must be > 0, got {self.init_std}")
+        if self.image_cells < 0 or (
+            self.image_cells and not 0 < self.image_offset < self.vocab_size
+        ):
+            raise ValueError(
+                "TransformerShape.image_cells needs image_offset inside the vocabulary, got "
+                f"image_cells={self.image_cells}, image_offset={self.image_offset}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -82,9 +98,27 @@ class TransformerShape:
         return cls(**data)
 
     @classmethod
-    def from_config(cls, model_config: ModelConfig, vocab_size: int) -> TransformerShape:
-        """The shape of ``pretrain.model`` (preset + overrides) for a vocabulary of this size."""
-        return cls(vocab_size=vocab_size, init_std=model_config.init_std, **model_config.shape())
+    def from_config(
+        cls,
+        model_config: ModelConfig,
+        vocab_size: int,
+        image_offset: int = 0,
+        image_tokens: int = 0,
+    ) -> TransformerShape:
+        """The shape of ``pretrain.model`` (preset + overrides) for a vocabulary of this size;
+        with ``image_positions`` on, image ids start at ``image_offset`` and an image is
+        ``image_tokens`` tokens."""
+        cells = {}
+        if model_config.image_positions:
+            if image_tokens < 1:
+                raise ValueError("pretrain.model.image_positions needs the tokens per image")
+            cells = {"image_cells": image_tokens, "image_offset": image_offset}
+        return cls(
+            vocab_size=vocab_size,
+            init_std=model_config.init_std,
+            **model_config.shape(),
+            **cells,
+        )
 
 
 class KVCache:
@@ -101,6 +135,7 @@ class KVCache:
         length: int = 0,
         valid: torch.Tensor | None = None,
         next_position: torch.Tensor | None = None,
+        image_run: torch.Tensor | None = None,
     ):
         if len(keys) != len(values) or not keys:
             raise ValueError("KVCache needs one key and one value tensor per layer")
@@ -118,6 +153,10 @@ class KVCache:
             torch.full((B,), length, dtype=torch.long, device=device)
             if next_position is None
             else next_position
+        )
+        # (B,) image ids at the end of each row so far: the cell of its next image token - 1
+        self.image_run = (
+            torch.zeros(B, dtype=torch.long, device=device) if image_run is None else image_run
         )
 
     @property
@@ -151,6 +190,7 @@ class KVCache:
             self.length,
             self.valid.index_select(0, index),
             self.next_position.index_select(0, index),
+            self.image_run.index_select(0, index),
         )
 
     def clone(self) -> KVCache:
@@ -160,6 +200,7 @@ class KVCache:
             self.length,
             self.valid.clone(),
             self.next_position.clone(),
+            self.image_run.clone(),
         )
 
 
@@ -247,6 +288,10 @@ class DecoderLM(nn.Module):
         self.shape = shape
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.d_model)
         self.position_embedding = nn.Embedding(shape.max_seq_len, shape.d_model)
+        # row 0: not an image token; rows 1..image_cells: the cells of an image, raster order
+        self.cell_embedding = (
+            nn.Embedding(shape.image_cells + 1, shape.d_model) if shape.image_cells else None
+        )
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
         self.final_norm = nn.LayerNorm(shape.d_model, elementwise_affine=False)
         self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
@@ -267,10 +312,13 @@ class DecoderLM(nn.Module):
         ids: torch.Tensor,
         kv_cache: KVCache | None = None,
         pad_mask: torch.Tensor | None = None,
+        cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with a cache, ``ids`` continue
         the cached sequence and the cache is extended in place. ``pad_mask`` (B, T), True for
-        real tokens, marks left padding (logits at padded positions are meaningless)."""
+        real tokens, marks left padding (logits at padded positions are meaningless).
+        ``cells`` (B, T): each token's image cell (0: not an image token), for shapes with
+        ``image_cells``; by default :meth:`image_cells_of` the ids."""
         B, T = ids.shape
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > self.shape.max_seq_len:
@@ -310,14 +358,34 @@ class DecoderLM(nn.Module):
             if kv_cache is not None:
                 positions = kv_cache.next_position[:, None] + torch.arange(T, device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, D)
+        if self.cell_embedding is not None:
+            run = self.image_runs(ids, kv_cache)  # (B, T)
+            if cells is None:
+                cells = torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
+            x = x + self.cell_embedding(cells)
         for layer, block in enumerate(self.blocks):
             x = block(x, kv_cache, layer, attn_mask)
         if kv_cache is not None:
             real = torch.ones_like(ids, dtype=torch.bool) if pad_mask is None else pad_mask
             kv_cache.valid[:, past : past + T] = real
             kv_cache.next_position = kv_cache.next_position + real.long().sum(1)
+            if self.cell_embedding is not None:
+                kv_cache.image_run = run[:, -1]
             kv_cache.advance(T)
         return self.head(self.final_norm(x))  # (B, T, V)
+
+    def image_runs(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T): how many image ids end at each token (its own included; 0 for any other
+        token), continuing each row's run from the cache. An intact image's tokens get
+        ``1 .. image_cells``."""
+        image = ids >= self.shape.image_offset  # (B, T): image ids are the vocabulary's last
+        index = torch.arange(ids.shape[1], device=ids.device)
+        last_other = torch.where(image, -1, index).cummax(1).values  # (B, T)
+        start = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        if kv_cache is not None:
+            start = kv_cache.image_run
+        run = torch.where(last_other < 0, index + 1 + start[:, None], index - last_other)
+        return torch.where(image, run, 0)
 
     def new_cache(
         self,
@@ -345,6 +413,8 @@ class DecoderLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.token_embedding.weight.numel() + self.position_embedding.weight.numel()
+            if self.cell_embedding is not None:
+                total -= self.cell_embedding.weight.numel()
         return total
 
     def flops_per_token(self, seq_len: int) -> int:

@@ -8,9 +8,10 @@ Used by pretraining and SFT alike; what differs between them is only which batch
 - resumes from the newest DeepSpeed checkpoint in ``checkpoint_dir`` — the batches of a step are
   a pure function of the step number, so a resumed run continues exactly where it stopped;
 - computes the weighted next-token loss (per-token weights come with each batch);
-- logs train loss, learning rate and tokens/s every ``log_every`` steps, and validation loss
-  and perplexity — on text tokens, image tokens and the query documents — every
-  ``eval_every`` steps and at the end, through a callback that runs on rank 0 only.
+- logs train loss, learning rate, tokens/s and tokens seen (kept in the checkpoint) every
+  ``log_every`` steps, and validation loss and perplexity — on text tokens, image tokens and
+  the query documents — every ``eval_every`` steps and at the end, through a callback that
+  runs on rank 0 only.
 
 Checkpoints in ``checkpoint_dir`` are DeepSpeed's own (model + optimizer + scheduler state);
 the tracked artifact is the exported model folder written by the caller.
@@ -88,10 +89,10 @@ def train(
         config=deepspeed_config(config, world, use_bf16(config)),
     )
     checkpoint_dir = Path(checkpoint_dir)
-    start = 0
+    start, seen = 0, 0  # seen: weighted training targets so far, all ranks (compute spent)
     if (checkpoint_dir / "latest").is_file():
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
-        start = int(client_state["step"])
+        start, seen = int(client_state["step"]), int(client_state.get("tokens_seen", 0))
         _log(on_log, rank, start, {"resumed_from_step": float(start)})
     if start >= config.steps:  # finished before: report the final validation again
         for name, batches in validation.items():
@@ -103,11 +104,12 @@ def train(
         losses = []
         for micro in range(config.gradient_accumulation_steps):
             batch = _to(batch_for(step, micro, rank, world), device)
-            loss = weighted_loss(engine(batch.inputs), batch)
+            loss = weighted_loss(engine(batch.inputs, cells=batch.cells), batch)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
             tokens += batch.tokens * world
+            seen += batch.tokens * world
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
@@ -119,6 +121,7 @@ def train(
                     "train/loss": _mean_over_ranks(sum(losses) / len(losses), world, device),
                     "train/lr": scheduler.get_last_lr()[0],
                     "train/tokens_per_second": tokens / max(elapsed, 1e-9),
+                    "train/tokens_seen": float(seen),
                 },
             )
             tokens, window_start = 0, time.perf_counter()
@@ -128,7 +131,9 @@ def train(
                 _log(on_log, rank, done, {f"{name}/{k}": v for k, v in metrics.items()})
         if done % config.checkpoint_every == 0 or done == config.steps:
             engine.save_checkpoint(
-                str(checkpoint_dir), tag=f"step{done}", client_state={"step": done}
+                str(checkpoint_dir),
+                tag=f"step{done}",
+                client_state={"step": done, "tokens_seen": seen},
             )
     return engine.module
 
@@ -150,7 +155,7 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], vocab: Vocab, device) -
     sums = {name: torch.zeros(2, dtype=torch.float64) for name in ("all", "text", "image", "query")}
     for batch in batches:
         batch = _to(batch, device)
-        logits = model(batch.inputs)
+        logits = model(batch.inputs, cells=batch.cells)
         losses = F.cross_entropy(
             logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
         )
@@ -174,7 +179,9 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], vocab: Vocab, device) -
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    return Batch(*(t.to(device) for t in (batch.inputs, batch.targets, batch.weights, batch.query)))
+    cells = None if batch.cells is None else batch.cells.to(device)
+    moved = (t.to(device) for t in (batch.inputs, batch.targets, batch.weights, batch.query))
+    return Batch(*moved, cells)
 
 
 def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:

@@ -14,6 +14,7 @@ new key and never resumes a stale checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from cm3leon.training.sequences import (
     TokenDocument,
     collate,
     sample_indices,
+    sample_numbers,
 )
 
 
@@ -69,6 +71,36 @@ def load_neighbors(
     return [[row_of[n] for n in by_id[i]] for i in ids]
 
 
+def equal_compute_baseline(
+    tokens_dir: str | Path,
+    retrieval_dir: str | Path,
+    config: PretrainConfig,
+    seed: int,
+    probe: int = 4096,
+) -> PretrainConfig:
+    """The no-retrieval baseline of the retrieval study at *equal compute*: ``config`` with
+    ``retrieval_k_max = 0`` and as many more steps as it takes to see the same number of
+    training tokens. The ratio is measured on the first ``probe`` samples of both runs' own
+    streams (deterministic: the sequences are a pure function of the seed and sample number),
+    so it follows the data and the retrieval params; warmup stays as configured."""
+    vocab = Vocab.load(tokens_dir)
+    max_seq_len = config.model.shape()["max_seq_len"]
+    bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
+    train_ids, train_docs = load_documents(tokens_dir, "train")
+    neighbors = load_neighbors(retrieval_dir, train_ids, bank)
+    baseline = dataclasses.replace(config, retrieval_k_max=0)
+    tokens = []
+    for setting in (config, baseline):
+        built = RetrievalAugmentedSequences(
+            train_docs, neighbors, train_docs, vocab, setting, max_seq_len, seed
+        )
+        size = len(built)
+        count = min(probe, size)
+        tokens.append(sum(sum(w > 0 for w in built.build(i).weights) for i in range(count)))
+    steps = max(1, round(config.train.steps * tokens[0] / max(tokens[1], 1)))
+    return dataclasses.replace(baseline, train=dataclasses.replace(config.train, steps=steps))
+
+
 def pretrain(
     tokens_dir: str | Path,
     retrieval_dir: str | Path,
@@ -94,7 +126,9 @@ def pretrain(
             f"{retrieval_dir} indexes other train documents than {tokens_dir}; rerun index"
         )
     val_ids, val_docs = load_documents(tokens_dir, "val")
-    shape = TransformerShape.from_config(config.model, vocab.size)
+    shape = TransformerShape.from_config(
+        config.model, vocab.size, vocab.image_offset, tokens_manifest["image_tokens"]
+    )
     sequences = {
         "train": RetrievalAugmentedSequences(
             train_docs,
@@ -118,17 +152,14 @@ def pretrain(
     train_config = config.train
 
     def batch_for(step: int, micro: int, rank: int, world: int):
-        indices = sample_indices(
-            step,
-            micro,
-            rank,
-            world,
-            train_config.micro_batch_size,
-            train_config.gradient_accumulation_steps,
-            len(sequences["train"]),
-            seed,
-        )
-        return collate([sequences["train"].build(i) for i in indices], vocab.pad)
+        place = (step, micro, rank, world, train_config.micro_batch_size)
+        accumulation = train_config.gradient_accumulation_steps
+        numbers = sample_numbers(*place, accumulation)
+        indices = sample_indices(*place, accumulation, len(sequences["train"]), seed)
+        built = [
+            sequences["train"].build(i, sample=n) for i, n in zip(indices, numbers, strict=True)
+        ]
+        return collate(built, vocab.pad)
 
     validation = {"val": _validation_batches(sequences["val"], config, train_config)}
     torch.manual_seed(seed)

@@ -12,9 +12,10 @@ neighbors the index stage found), and CM3 masks spans of the query document only
 the query's weight, 1), 1 elsewhere. If a sequence is longer than the model's context,
 neighbors are dropped from the front; a query document that alone does not fit is an error.
 
-Randomness is keyed by ``(seed, sample index)`` — separately for the CM3 masks and the
-neighbor count — so a sample is the same whatever the process count or a resume point, and the
-query side of an evaluation sequence is identical with or without retrieval.
+Randomness is keyed by ``(seed, sample number)`` — separately for the CM3 masks and the
+neighbor count — so a sample is the same whatever the process count or a resume point, each
+epoch draws a document's masks, paraphrase and neighbor count afresh, and the query side of an
+evaluation sequence (keyed by the document index) is identical with or without retrieval.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class TrainingSequence:
     ids: list[int]
     weights: list[float]  # weight for predicting ids[j]
     query_start: int  # index of the query document's first token
+    # image cell of ids[j] (1..tokens per image; 0: not an image token) where the model cannot
+    # count it from the ids (CM3 moved spans); None: the model counts runs of image ids
+    cells: list[int] | None = None
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Batch:
     targets: torch.Tensor
     weights: torch.Tensor
     query: torch.Tensor  # (B, T) bool: the target belongs to the query document
+    cells: torch.Tensor | None = None  # (B, T) image cell of each input (TrainingSequence.cells)
 
     @property
     def tokens(self) -> int:
@@ -81,11 +86,16 @@ class RetrievalAugmentedSequences:
     def __len__(self) -> int:
         return len(self.documents)
 
-    def build(self, index: int, k: int | None = None, augment: bool = True) -> TrainingSequence:
-        """Sequence for document ``index``; ``k`` fixes the neighbor count (evaluation)."""
+    def build(
+        self, index: int, k: int | None = None, augment: bool = True, sample: int | None = None
+    ) -> TrainingSequence:
+        """Sequence for document ``index``; ``k`` fixes the neighbor count (evaluation).
+        ``sample``: the global sample number (:func:`sample_numbers`) keying the draws; by
+        default the document index (fixed validation sequences)."""
         vocab, config = self.vocab, self.config
-        query_rng = np.random.default_rng([self.seed, 1, index])
-        context_rng = np.random.default_rng([self.seed, 2, index])
+        key = index if sample is None else sample
+        query_rng = np.random.default_rng([self.seed, 1, key])
+        context_rng = np.random.default_rng([self.seed, 2, key])
         document = self.documents[index]
         caption = self._caption(document, query_rng if augment else None)
         masked = cm3_mask_spans(
@@ -93,6 +103,8 @@ class RetrievalAugmentedSequences:
         )
         query_ids = [*masked.ids, vocab.eos]
         query_weights = [*masked.loss_weights, 1.0]
+        document_cells = _cells(len(caption), len(document.image))
+        query_cells = [document_cells[j] if j >= 0 else 0 for j in masked.source] + [0]
         if 1 + len(query_ids) > self.max_seq_len:
             raise ValueError(
                 f"document {index} alone needs {1 + len(query_ids)} tokens but the model's "
@@ -103,17 +115,21 @@ class RetrievalAugmentedSequences:
             k = int(context_rng.integers(0, config.retrieval_k_max + 1))
         context_ids: list[int] = []
         context_weights: list[float] = []
+        context_cells: list[int] = []
         for row in available[: min(k, len(available))]:
             neighbor = self.bank[row]
-            ids = [*neighbor.paraphrases[0], vocab.brk, *neighbor.image, vocab.eos]
+            caption = neighbor.paraphrases[0]
+            ids = [*caption, vocab.brk, *neighbor.image, vocab.eos]
             if 1 + len(context_ids) + len(ids) + len(query_ids) > self.max_seq_len:
                 break  # keep the neighbors that fit, best first
             context_ids += ids
             context_weights += [config.retrieved_loss_weight] * len(ids)
+            context_cells += [*_cells(len(caption), len(neighbor.image)), 0]
         return TrainingSequence(
             ids=[vocab.bos, *context_ids, *query_ids],
             weights=[0.0, *context_weights, *query_weights],
             query_start=1 + len(context_ids),
+            cells=[0, *context_cells, *query_cells],
         )
 
     def _caption(self, document: TokenDocument, rng: np.random.Generator | None) -> tuple:
@@ -122,20 +138,30 @@ class RetrievalAugmentedSequences:
         return document.paraphrases[int(rng.integers(len(document.paraphrases)))]
 
 
+def _cells(caption_tokens: int, image_tokens: int) -> list[int]:
+    """Cells of ``caption <break> image``: 0 for the caption and break, then 1..image_tokens."""
+    return [0] * (caption_tokens + 1) + list(range(1, image_tokens + 1))
+
+
 def collate(sequences: Sequence[TrainingSequence], pad: int) -> Batch:
-    """Shift into (inputs, targets), pad to the longest sequence with weight 0."""
+    """Shift into (inputs, targets), pad to the longest sequence with weight 0. ``cells`` are
+    kept (for the inputs) when every sequence has them."""
     length = max(len(s.ids) for s in sequences) - 1
     inputs = torch.full((len(sequences), length), pad, dtype=torch.long)
     targets = torch.full((len(sequences), length), pad, dtype=torch.long)
     weights = torch.zeros((len(sequences), length))
     query = torch.zeros((len(sequences), length), dtype=torch.bool)
+    with_cells = all(s.cells is not None for s in sequences)
+    cells = torch.zeros((len(sequences), length), dtype=torch.long) if with_cells else None
     for i, s in enumerate(sequences):
         n = len(s.ids) - 1
         inputs[i, :n] = torch.tensor(s.ids[:-1])
         targets[i, :n] = torch.tensor(s.ids[1:])
         weights[i, :n] = torch.tensor(s.weights[1:])
         query[i, max(s.query_start - 1, 0) : n] = True  # targets at positions >= query_start
-    return Batch(inputs, targets, weights, query)
+        if cells is not None:
+            cells[i, :n] = torch.tensor(s.cells[:-1])
+    return Batch(inputs, targets, weights, query, cells)
 
 
 def sample_numbers(

@@ -14,11 +14,21 @@ from cm3leon.tokenizers.vocab import Vocab
 VOCAB = Vocab(text_size=12, image_size=10, num_sentinels=2, num_reserved=0)
 SHAPE = TransformerShape(vocab_size=VOCAB.size, n_layer=2, n_head=2, d_model=16, max_seq_len=48)
 GRID = 4  # image tokens per image in these tests
+CELLS = TransformerShape(
+    vocab_size=VOCAB.size,
+    n_layer=2,
+    n_head=2,
+    d_model=16,
+    max_seq_len=48,
+    image_cells=GRID,
+    image_offset=VOCAB.image_offset,
+)
+SHAPES = pytest.mark.parametrize("shape", [SHAPE, CELLS], ids=["plain", "image_cells"])
 
 
-def model() -> DecoderLM:
+def model(shape: TransformerShape = SHAPE) -> DecoderLM:
     torch.manual_seed(0)
-    m = DecoderLM(SHAPE).eval()
+    m = DecoderLM(shape).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3)  # non-zero output projections: every block matters
@@ -29,9 +39,11 @@ def text(*ids: int) -> list[int]:
     return [VOCAB.text_offset + i for i in ids]
 
 
-def test_left_padded_rows_compute_what_they_compute_alone():
-    m = model()
-    rows = [[VOCAB.bos, *text(1, 2, 3, 4, 5)], [VOCAB.bos, *text(6)]]
+@SHAPES
+def test_left_padded_rows_compute_what_they_compute_alone(shape):
+    m = model(shape)
+    image = [VOCAB.image_offset + c for c in (1, 2)]
+    rows = [[VOCAB.bos, *text(1, 2, 3, 4, 5), *image], [VOCAB.bos, *text(6), VOCAB.brk, *image]]
     ids, mask = left_pad(rows, VOCAB.pad)
     batched = m(ids, pad_mask=mask)[:, -1]
     for i, row in enumerate(rows):
@@ -40,7 +52,7 @@ def test_left_padded_rows_compute_what_they_compute_alone():
     # and through the cache, one token at a time after the padded prefill
     cache = m.new_cache(2, 12)
     m(ids, kv_cache=cache, pad_mask=mask)
-    step = torch.tensor([[VOCAB.text_offset + 7], [VOCAB.text_offset + 8]])
+    step = torch.tensor([[VOCAB.image_offset + 7], [VOCAB.text_offset + 8]])
     cached = m(step, kv_cache=cache)[:, -1]
     for i, row in enumerate(rows):
         alone = m(torch.tensor([[*row, int(step[i, 0])]]))[0, -1]
@@ -55,9 +67,10 @@ def requests(strategies):
     ]
 
 
+@SHAPES
 @pytest.mark.parametrize("strategy", ["greedy", "top_p", "cd_k"])
-def test_cached_and_uncached_generation_agree(strategy):
-    m = model()
+def test_cached_and_uncached_generation_agree(strategy, shape):
+    m = model(shape)
     plan = [Strategy.named(strategy, cfg_weight=2.5), Strategy.named("top_p", cfg_weight=1.0)]
     constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
     cached = generate(m, VOCAB, requests(plan), constraint, GRID + 1, seed=3)

@@ -15,8 +15,10 @@ from cm3leon.evaluation.metrics import (
     clip_score,
     frechet_distance,
     mask_iou,
+    mean_interval,
     normalize_vqa_answer,
     vqa_accuracy,
+    wilson_interval,
 )
 
 # ------------------------------------------------------------------------------------- VQA
@@ -213,3 +215,28 @@ def test_mask_functions_are_the_data_layers() -> None:
     # One implementation (tests/data/test_masks.py); this module re-exports it for the tasks.
     assert mask_iou is masks.mask_iou
     assert binarize_mask is masks.binarize_mask
+
+
+def test_wilson_interval_known_values_and_edges() -> None:
+    # Brown, Cai & DasGupta (2001): 0/200 and 200/200 keep a width of ~0.019; 100/200 is the
+    # normal interval to 3 decimals.
+    assert wilson_interval(0, 200) == pytest.approx((0.0, 0.01885), abs=1e-4)
+    assert wilson_interval(200, 200) == pytest.approx((0.98115, 1.0), abs=1e-4)
+    assert wilson_interval(100, 200) == pytest.approx((0.4314, 0.5686), abs=1e-4)
+    low, high = wilson_interval(180, 200)
+    assert low < 0.9 < high and high - low < 0.09
+    # More trials, narrower interval; no trials, no knowledge.
+    assert np.subtract(*wilson_interval(450, 500)[::-1]) < high - low
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match="successes <= trials"):
+        wilson_interval(5, 4)
+
+
+def test_mean_interval_covers_the_mean() -> None:
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.6, 1.0, 400)
+    low, high = mean_interval(values)
+    assert low < values.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * values.std(ddof=1) / 20, rel=1e-3)
+    assert mean_interval([]) == (0.0, 1.0)
+    assert mean_interval([1.0, 1.0]) == (1.0, 1.0)

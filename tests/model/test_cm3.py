@@ -25,6 +25,7 @@ def test_single_token_segment_forces_the_layout():
         ids=[M0, BRK, M0, TEXT[7], EOS_SPAN],
         loss_weights=[0.0, 1.0, 0.0, 1.0, 1.0],
         spans=[(0, 1)],
+        source=[-1, 1, -1, 0, -1],
     )
     assert cm3_unmask(masked.ids, VOCAB) == document
 
@@ -74,10 +75,12 @@ def check_invariants(document: list[int], masked: MaskedDocument, config: CM3Con
     assert len(masked.ids) == len(masked.loss_weights)
     # Each span: one sentinel in place, one opening its copy, one <eos_span>.
     assert len(masked.ids) == len(document) + 3 * n
-    # Spans: non-empty, non-overlapping, sorted, inside one segment, within max_span_length.
+    # Spans: non-empty, non-overlapping, sorted, inside one segment, within max_span_length
+    # (or, for a null condition, the whole first segment).
     runs = segments(document, VOCAB)
     for start, end in masked.spans:
-        assert 1 <= end - start <= config.max_span_length
+        whole_first = config.null_condition_fraction > 0 and (start, end) == runs[0]
+        assert 1 <= end - start <= config.max_span_length or whole_first
         assert any(s <= start and end <= e for s, e in runs), "span crosses a special token"
         assert not any(VOCAB.is_special(t) for t in document[start:end])
     for (_, end), (start, _) in zip(masked.spans, masked.spans[1:], strict=False):
@@ -93,6 +96,15 @@ def check_invariants(document: list[int], masked: MaskedDocument, config: CM3Con
     assert masked.ids.count(EOS_SPAN) == n
     assert masked.ids.count(BRK) == document.count(BRK)
     assert cm3_unmask(masked.ids, VOCAB) == document
+    # Every original token appears once, and source says where it came from.
+    assert len(masked.source) == len(masked.ids)
+    assert sorted(j for j in masked.source if j >= 0) == list(range(len(document)))
+    for token, j in zip(masked.ids, masked.source, strict=True):
+        assert token == document[j] if j >= 0 else token in (EOS_SPAN, *sentinels(n))
+
+
+def sentinels(n: int) -> list[int]:
+    return [VOCAB.sentinel(i) for i in range(n)]
 
 
 CONFIGS = [
@@ -100,6 +112,7 @@ CONFIGS = [
     CM3Config(poisson_lambda=3.0, min_spans=1, max_spans=4, max_span_length=2),
     CM3Config(poisson_lambda=40.0, min_spans=10, max_spans=40, unmasked_fraction=0.0),
     CM3Config(min_spans=0, max_spans=3, max_span_length=1, unmasked_fraction=0.5),
+    CM3Config(null_condition_fraction=0.5, max_span_length=4),
 ]
 
 
@@ -140,7 +153,12 @@ def test_more_spans_than_fit_are_capped():
 def test_documents_without_maskable_tokens_are_unchanged():
     for document in ([], [BRK], [BRK, EOS, BRK]):
         masked = cm3_mask_spans(document, VOCAB, ALWAYS_ONE_SPAN, np.random.default_rng(0))
-        assert masked == MaskedDocument(ids=document, loss_weights=[1.0] * len(document), spans=[])
+        assert masked == MaskedDocument(
+            ids=document,
+            loss_weights=[1.0] * len(document),
+            spans=[],
+            source=list(range(len(document))),
+        )
 
 
 def test_unmasked_fraction_one_is_identity():
@@ -163,6 +181,26 @@ def test_unmasked_rate_and_span_count_distribution():
     assert np.mean(counts == 0) == pytest.approx(0.3, abs=0.03)
     # Masked documents: n = max(Poisson(1), 1), mean 1 + e^-1.
     assert counts[counts > 0].mean() == pytest.approx(1 + np.exp(-1), abs=0.06)
+
+
+def test_null_condition_masks_the_whole_caption_as_span_0():
+    # The unconditional prompt of CFG (`<mask:0> <break>` + image) is a training document.
+    document = [*TEXT[:30], BRK, *IMAGE[:16]]
+    config = CM3Config(null_condition_fraction=0.25, max_span_length=4, unmasked_fraction=0.0)
+    rng = np.random.default_rng(3)
+    whole = []
+    for _ in range(2000):
+        masked = cm3_mask_spans(document, VOCAB, config, rng)
+        whole.append(masked.spans[0] == (0, 30))
+        if whole[-1]:
+            assert masked.ids[:2] == [M0, BRK]
+            assert masked.ids[masked.ids.index(M0, 1) : masked.ids.index(M0, 1) + 31] == [
+                M0,
+                *TEXT[:30],
+            ]
+        assert cm3_unmask(masked.ids, VOCAB) == document
+    # Binomial(2000, 0.25): std 0.0097 (a random span of <= 4 tokens never covers 30).
+    assert np.mean(whole) == pytest.approx(0.25, abs=0.04)
 
 
 def test_rejects_documents_that_already_hold_cm3_tokens():

@@ -10,6 +10,10 @@ from cm3leon.config import ModelConfig
 from cm3leon.model.transformer import DecoderLM, KVCache, TransformerShape
 
 SHAPE = TransformerShape(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32)
+# ids 30..39 are image ids; an image is 4 tokens
+CELLS = TransformerShape(
+    vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32, image_cells=4, image_offset=30
+)
 
 
 def make_model(shape: TransformerShape = SHAPE, seed: int = 0) -> DecoderLM:
@@ -79,10 +83,16 @@ def test_causal_future_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(before[:, 8:], after[:, 8:])
 
 
+@pytest.mark.parametrize("shape", [SHAPE, CELLS], ids=["plain", "image_cells"])
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 3, 3], [4, 8], [12]])
-def test_kv_cache_matches_full_forward(chunks):
-    model = randomize(make_model())
-    ids = torch.randint(0, SHAPE.vocab_size, (3, sum(chunks)))
+def test_kv_cache_matches_full_forward(chunks, shape):
+    model = randomize(make_model(shape))
+    # half the ids image ids, so runs of them cross chunk boundaries
+    ids = torch.where(
+        torch.rand(3, sum(chunks), generator=torch.Generator().manual_seed(1)) < 0.5,
+        torch.randint(30, 40, (3, sum(chunks))),
+        torch.randint(0, 30, (3, sum(chunks))),
+    )
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(batch_size=3)
@@ -113,6 +123,33 @@ def test_cache_select_reorders_rows():
     assert cache.keys[0].abs().sum() > 0
 
 
+def test_image_cells_count_runs_of_image_ids():
+    model = make_model(CELLS)
+    ids = torch.tensor([[1, 30, 31, 32, 33, 2, 34, 35, 36, 37, 38, 3]])
+    assert model.image_runs(ids).tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0]]
+    # A cache continues each row's run.
+    cache = model.new_cache(batch_size=1)
+    model(ids[:, :3], kv_cache=cache)
+    assert cache.image_run.tolist() == [2]
+    assert model.image_runs(ids[:, 3:5], cache).tolist() == [[3, 4]]
+
+
+def test_explicit_cells_override_the_counted_ones():
+    # What CM3 training passes: the true cell of each token. Equal to the count on an intact
+    # image; elsewhere the cell embedding changes the logits.
+    model = randomize(make_model(CELLS))
+    ids = torch.tensor([[1, 30, 31, 32, 33, 2]])
+    counted = torch.tensor([[0, 1, 2, 3, 4, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, cells=counted), model(ids), rtol=0, atol=0)
+        moved = model(ids, cells=torch.tensor([[0, 3, 4, 1, 2, 0]]))
+    assert not torch.allclose(moved[:, 1:], model(ids)[:, 1:])
+    # A shape without image cells has no cell embedding and ignores them.
+    plain = make_model()
+    assert plain.cell_embedding is None
+    torch.testing.assert_close(plain(ids, cells=counted), plain(ids))
+
+
 def test_exceeding_max_seq_len_raises():
     model = make_model()
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -136,6 +173,12 @@ def test_shape_round_trip_and_rebuild():
         TransformerShape.from_dict({**data, "dropout": 0.1})
     with pytest.raises(ValueError, match="divisible"):
         TransformerShape(vocab_size=4, n_layer=1, n_head=3, d_model=16, max_seq_len=8)
+    # Checkpoints from before image cells have no such keys: they load as shapes without.
+    old = {k: v for k, v in data.items() if k not in ("image_cells", "image_offset")}
+    assert TransformerShape.from_dict(old) == SHAPE
+    assert TransformerShape.from_dict(CELLS.to_dict()) == CELLS
+    with pytest.raises(ValueError, match="image_offset inside the vocabulary"):
+        TransformerShape(vocab_size=4, n_layer=1, n_head=1, d_model=8, max_seq_len=8, image_cells=2)
 
 
 def test_shape_from_config():
@@ -143,6 +186,11 @@ def test_shape_from_config():
     assert shape == TransformerShape(
         vocab_size=99, n_layer=2, n_head=2, d_model=64, max_seq_len=384, init_std=0.006
     )
+    config = ModelConfig(preset="tiny", image_positions=True)
+    shape = TransformerShape.from_config(config, 99, image_offset=90, image_tokens=64)
+    assert (shape.image_cells, shape.image_offset) == (64, 90)
+    with pytest.raises(ValueError, match="tokens per image"):
+        TransformerShape.from_config(config, 99)
 
 
 def test_parameter_count_and_flops_per_token():
@@ -154,3 +202,7 @@ def test_parameter_count_and_flops_per_token():
     assert model.num_parameters(exclude_embeddings=True) == blocks + head == 6784
     # 6 N + 12 L d T with N = 6784, L = 2, d = 16, T = 32.
     assert model.flops_per_token(32) == 6 * 6784 + 12 * 2 * 16 * 32 == 52992
+    # The cell embedding is a lookup table: no matmul, so not in N.
+    cells = make_model(CELLS)
+    assert cells.num_parameters() == model.num_parameters() + 5 * 16
+    assert cells.num_parameters(exclude_embeddings=True) == 6784

@@ -24,12 +24,16 @@ from cm3leon.config import (
     TokenizeConfig,
     VQConfig,
     VQTrainConfig,
+    load_params,
 )
 from cm3leon.data.prepare import prepare_corpus
 from cm3leon.model.io import load_decoder
 from cm3leon.retrieval.memory_bank import build_memory_bank
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
+from cm3leon.tokenizers.vocab import Vocab
+from cm3leon.training.pretraining import equal_compute_baseline, load_documents, load_neighbors
 from cm3leon.training.run_key import run_key
+from cm3leon.training.sequences import RetrievalAugmentedSequences
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = DataConfig(shapeworld=ShapeWorldConfig(num_images=120))
@@ -140,8 +144,39 @@ def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
         "val/query_loss",
         "train/lr",
         "train/tokens_per_second",
+        "train/tokens_seen",
     ):
         assert (tmp_path / "live/plots/metrics" / f"{name}.tsv").is_file(), name
+
+
+def test_image_positions_export_a_shape_with_image_cells(inputs, tmp_path):
+    params = params_file(tmp_path, steps=2)
+    values = yaml.safe_load(params.read_text())
+    values["pretrain"]["model"]["image_positions"] = True
+    params.write_text(yaml.safe_dump(values))
+    run(command(inputs, tmp_path, params))
+    model, vocab, meta, _ = load_decoder(tmp_path / "model")
+    assert meta["shape"]["image_cells"] == 64  # the tokens' 8x8 grid
+    assert model.shape.image_offset == vocab.image_offset
+    assert model.cell_embedding.weight.shape == (65, model.shape.d_model)
+
+
+def test_no_retrieval_baseline_sees_as_many_tokens(inputs):
+    config = load_params(ROOT / "params.yaml").pretrain
+    baseline = equal_compute_baseline(inputs / "tokens", inputs / "retrieval", config, seed=3)
+    assert baseline.retrieval_k_max == 0
+    assert baseline.train.warmup_steps == config.train.warmup_steps
+    # Tokens per sample of either stream, over all (the probe covers every document here).
+    ids, docs = load_documents(inputs / "tokens", "train")
+    neighbors = load_neighbors(inputs / "retrieval", ids, ids)
+    vocab = Vocab.load(inputs / "tokens")
+    per_sample = []
+    for setting in (config, baseline):
+        built = RetrievalAugmentedSequences(docs, neighbors, docs, vocab, setting, 384, 3)
+        per_sample.append(sum(sum(w > 0 for w in built.build(i).weights) for i in range(len(docs))))
+    ra_tokens = config.train.steps * per_sample[0]
+    assert abs(baseline.train.steps * per_sample[1] - ra_tokens) <= per_sample[1]
+    assert baseline.train.steps > 1.5 * config.train.steps  # neighbors double the sequences
 
 
 def test_zero3_exports_whole_weights(inputs, tmp_path):

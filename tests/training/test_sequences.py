@@ -127,3 +127,42 @@ def test_sample_stream_is_the_same_for_any_process_split():
         assert split == single[s] == accumulated
     first_epoch = [i for s in single[:7] for i in s][:50]
     assert sorted(first_epoch) == list(range(50))  # every document once per epoch
+
+
+def counted_cells(ids: list[int]) -> list[int]:
+    """What the model counts from the ids alone: each image id's place in its run."""
+    cells, run = [], 0
+    for token in ids:
+        run = run + 1 if VOCAB.is_image(token) else 0
+        cells.append(run)
+    return cells
+
+
+def test_cells_of_intact_documents_are_what_the_model_counts():
+    s = sequences().build(0, k=2, augment=False)
+    assert s.cells == counted_cells(s.ids)
+    assert max(s.cells) == 4 and s.cells.count(1) == 3  # two neighbors and the query
+
+
+def test_cells_follow_image_tokens_through_cm3_spans():
+    # A masked image span moves to the end; its tokens keep their cells (the model could not
+    # count them there), and the tokens after the sentinel keep theirs.
+    config = {"cm3": CM3Config(min_spans=2, max_spans=2, unmasked_fraction=0.0)}
+    built = sequences(**config)
+    original = [*DOCS[0].paraphrases[0], VOCAB.brk, *DOCS[0].image]
+    true_cell = dict(zip(DOCS[0].image, range(1, 5), strict=True))  # its image ids are distinct
+    moved = 0
+    for seed in range(60):
+        for sample in (None, seed):
+            s = RetrievalAugmentedSequences(
+                DOCS, NEIGHBORS, BANK, VOCAB, built.config, 64, seed
+            ).build(0, k=0, augment=False, sample=sample)
+            assert len(s.cells) == len(s.ids)
+            for token, cell in zip(s.ids, s.cells, strict=True):
+                assert cell == (true_cell[token] if VOCAB.is_image(token) else 0)
+            moved += s.cells != counted_cells(s.ids)
+            assert cm3_unmask(s.ids[1:-1], VOCAB) == original
+    assert moved > 0
+    batch = collate([s, sequences().build(1, k=1, augment=False)], VOCAB.pad)
+    assert batch.cells.shape == batch.inputs.shape
+    assert batch.cells[0, : len(s.ids) - 1].tolist() == s.cells[:-1]

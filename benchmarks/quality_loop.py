@@ -1,0 +1,178 @@
+"""The fast experiment loop of the quality work: pretrain with param overrides, score text-to-image.
+
+Reruns the pretrain stage's library call on the project's ``data/tokens`` and ``data/retrieval``
+with ``-S section.key=value`` overrides of ``params.yaml`` (the same spelling as
+``dvc exp run -S``; values are YAML), then scores the model on the test split's text-to-image
+prompts with the evaluate stage's own scorer (:func:`cm3leon.evaluation.tasks.score_task`), at
+each ``--cfg`` weight. It prints and saves exact-scene accuracy with its 95% Wilson interval,
+by object count, and the diagnostics of why samples are wrong (attribute accuracy, object
+count accuracy, share of true objects drawn exactly)::
+
+    python benchmarks/quality_loop.py --name base -S pretrain.train.steps=300
+    python benchmarks/quality_loop.py --name cells -S pretrain.train.steps=300 \\
+        -S pretrain.model.image_positions=true
+
+Each run appends one JSON line (overrides, tokens seen, seconds, val losses, metrics) to
+``--table`` (default ``benchmarks/results/quality_loop.jsonl``) and keeps its model under
+``--work/<name>``. Compare runs at equal compute: the line records ``tokens_seen`` (non-pad
+training targets) and ``train_seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+from machine import describe_machine
+
+from cm3leon.config import load_params
+from cm3leon.data.shapeworld_parser import ShapeWorldParser
+from cm3leon.evaluation.tasks import SceneJudge, load_test_set, score_task, strategies
+from cm3leon.inference.multimodal import MultimodalModel
+from cm3leon.tasks import TASKS
+from cm3leon.training.pretraining import pretrain
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """``a.b.c=value`` sets ``tree['a']['b']['c']`` to the YAML value; the key must exist
+    unless its parent section is a free mapping (load_params then checks it strictly)."""
+    path, sep, value = assignment.partition("=")
+    if not sep:
+        raise SystemExit(f"-S {assignment!r}: expected section.key=value")
+    *parents, leaf = path.split(".")
+    node = tree
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise SystemExit(f"-S {assignment!r}: params.yaml has no section {part!r}")
+        node = node[part]
+    node[leaf] = yaml.safe_load(value)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="run name (folder under --work)")
+    parser.add_argument("-S", dest="overrides", action="append", default=[])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--work", default=".scratch/quality_loop")
+    parser.add_argument("--table", default="benchmarks/results/quality_loop.jsonl")
+    parser.add_argument("--prompts", type=int, default=400, help="test prompts (<= test split)")
+    parser.add_argument("--samples", type=int, default=2, help="re-ranked samples per prompt")
+    parser.add_argument("--strategy", default="top_p")
+    parser.add_argument("--cfg", type=float, action="append", help="CFG weights (default 1)")
+    parser.add_argument("--retrieved", type=int, default=None, help="default evaluate.retrieved")
+    parser.add_argument("--eval-only", action="store_true", help="score the existing model")
+    args = parser.parse_args()
+
+    tree = yaml.safe_load(Path(args.params).read_text())
+    for assignment in args.overrides:
+        apply_override(tree, assignment)
+    work = Path(args.work) / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    params = load_params(work / "params.yaml")
+    seed = params.base.seed
+
+    logged: dict[str, float] = {}
+
+    def on_log(step: int, metrics: dict) -> None:
+        logged.update({k: v for k, v in metrics.items() if isinstance(v, float)})
+        if "train/loss" in metrics:
+            print(
+                f"[{args.name}] step {step}/{params.pretrain.train.steps} "
+                f"loss {metrics['train/loss']:.3f} "
+                f"{metrics.get('train/tokens_per_second', 0):.0f} tok/s",
+                flush=True,
+            )
+        if "val/loss" in metrics:
+            print(f"[{args.name}] step {step} val loss {metrics['val/loss']:.3f}", flush=True)
+
+    tick = time.perf_counter()
+    if not args.eval_only:
+        pretrain(
+            "data/tokens",
+            "data/retrieval",
+            params.pretrain,
+            seed,
+            work / "pretrain",
+            work / "scratch",
+            on_log,
+        )
+    train_seconds = time.perf_counter() - tick
+    tokens_seen = logged.get("train/tokens_seen", 0.0)
+
+    evaluate = params.evaluate
+    model = MultimodalModel.load(
+        work / "pretrain",
+        "models/vq",
+        "models/text_tokenizer",
+        "data/tokens",
+        "models/retriever",
+        "data/retrieval",
+        batch_size=evaluate.batch_size,
+    )
+    judge = SceneJudge(
+        ShapeWorldParser.from_config(params.data.shapeworld, params.data.image_size),
+        params.data.shapeworld,
+    )
+    test = load_test_set(
+        "data/corpus", "data/tokens", model.codec.decode_text, args.prompts, 0, seed
+    )
+    retrieved = evaluate.retrieved if args.retrieved is None else args.retrieved
+    results = {}
+    for weight in args.cfg or [1.0]:
+        plan = strategies(evaluate.decoding, args.strategy, args.samples, weight)
+        tick = time.perf_counter()
+        metrics, _ = score_task(
+            model, TASKS["text_to_image"], test.documents, judge, plan, retrieved, seed
+        )
+        metrics["eval_seconds"] = time.perf_counter() - tick
+        results[f"cfg_{weight:g}"] = metrics
+        print(f"[{args.name}] cfg {weight:g}: " + _summary(metrics), flush=True)
+
+    line = {
+        "name": args.name,
+        "overrides": args.overrides,
+        "machine": describe_machine(),
+        "train_seconds": round(train_seconds, 1),
+        "tokens_seen": tokens_seen,
+        "val": {k: round(v, 4) for k, v in logged.items() if k.startswith(("val/", "query"))},
+        "eval": {
+            "prompts": len(test.documents),
+            "samples": args.samples,
+            "strategy": args.strategy,
+            "retrieved": retrieved,
+        },
+        "results": results,
+    }
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    with Path(args.table).open("a") as f:
+        f.write(json.dumps(line, default=_round) + "\n")
+
+
+def _round(value):
+    return round(float(value), 4)
+
+
+def _summary(m: dict) -> str:
+    low, high = m["accuracy_ci95"]
+    parts = [f"exact {m['accuracy']:.3f} [{low:.3f}, {high:.3f}]"]
+    for count in (1, 2):
+        if f"accuracy_{count}_objects" in m:
+            lo, hi = m[f"accuracy_{count}_objects_ci95"]
+            parts.append(
+                f"{count}-obj {m[f'accuracy_{count}_objects']:.3f} [{lo:.3f}, {hi:.3f}] "
+                f"(n={m[f'examples_{count}_objects']}, any right "
+                f"{m[f'any_object_right_{count}_objects']:.2f})"
+            )
+    parts.append(
+        " ".join(f"{a} {m[f'{a}_accuracy']:.2f}" for a in ("position", "shape", "color", "size"))
+    )
+    parts.append(f"count {m['object_count_accuracy']:.2f} objects {m['objects_right']:.2f}")
+    return "; ".join(parts)
+
+
+if __name__ == "__main__":
+    main()
