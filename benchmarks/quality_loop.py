@@ -8,14 +8,15 @@ each ``--cfg`` weight. It prints and saves exact-scene accuracy with its 95% Wil
 by object count, and the diagnostics of why samples are wrong (attribute accuracy, object
 count accuracy, share of true objects drawn exactly)::
 
-    python benchmarks/quality_loop.py --name base -S pretrain.train.steps=300
-    python benchmarks/quality_loop.py --name cells -S pretrain.train.steps=300 \\
-        -S pretrain.model.image_positions=true
+    python benchmarks/quality_loop.py --name default --cfg 1 --cfg 1.5
+    python benchmarks/quality_loop.py --name no-cells -S pretrain.model.image_positions=false
 
 Each run appends one JSON line (overrides, tokens seen, seconds, val losses, metrics) to
 ``--table`` (default ``benchmarks/results/quality_loop.jsonl``) and keeps its model under
-``--work/<name>``. Compare runs at equal compute: the line records ``tokens_seen`` (non-pad
-training targets) and ``train_seconds``.
+``--work/<name>``. Compare runs at equal compute: the line records ``tokens_seen`` (weighted
+training targets) and ``train_seconds``. ``--eval-only`` rescores a run's model (e.g. at another
+``--retrieved`` or ``--samples``). A 300-step loop ranks nothing here (every run scores 0), so
+runs use the default's 2,000 steps.
 """
 
 from __future__ import annotations
