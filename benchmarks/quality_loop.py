@@ -1,6 +1,6 @@
 """The fast experiment loop of the quality work: pretrain with param overrides, score text-to-image.
 
-Reruns the pretrain stage's library call on the project's ``data/tokens`` and ``data/retrieval``
+Reruns the pretrain stage's library call on the tokens and neighbor table ``dvc.yaml`` names
 with ``-S section.key=value`` overrides of ``params.yaml`` (the same spelling as
 ``dvc exp run -S``; values are YAML), then scores the model on the test split's text-to-image
 prompts with the evaluate stage's own scorer (:func:`cm3leon.evaluation.tasks.score_task`), at
@@ -33,6 +33,7 @@ from cm3leon.config import load_params
 from cm3leon.data.shapeworld_parser import ShapeWorldParser
 from cm3leon.evaluation.tasks import SceneJudge, load_test_set, score_task, strategies
 from cm3leon.inference.multimodal import MultimodalModel
+from cm3leon.project import stage_arguments
 from cm3leon.tasks import TASKS
 from cm3leon.training.pretraining import pretrain
 
@@ -90,11 +91,13 @@ def main() -> None:
         if "val/loss" in metrics:
             print(f"[{args.name}] step {step} val loss {metrics['val/loss']:.3f}", flush=True)
 
+    # artifact paths as the stages' commands in dvc.yaml name them
+    paths = {**stage_arguments(".", "pretrain"), **stage_arguments(".", "evaluate")}
     tick = time.perf_counter()
     if not args.eval_only:
         pretrain(
-            "data/tokens",
-            "data/retrieval",
+            paths["tokens"],
+            paths["retrieval"],
             params.pretrain,
             seed,
             work / "pretrain",
@@ -107,11 +110,11 @@ def main() -> None:
     evaluate = params.evaluate
     model = MultimodalModel.load(
         work / "pretrain",
-        "models/vq",
-        "models/text_tokenizer",
-        "data/tokens",
-        "models/retriever",
-        "data/retrieval",
+        paths["vq"],
+        paths["text-tokenizer"],
+        paths["tokens"],
+        paths["retriever"],
+        paths["retrieval"],
         batch_size=evaluate.batch_size,
     )
     judge = SceneJudge(
@@ -119,7 +122,7 @@ def main() -> None:
         params.data.shapeworld,
     )
     test = load_test_set(
-        "data/corpus", "data/tokens", model.codec.decode_text, args.prompts, 0, seed
+        paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, 0, seed
     )
     retrieved = evaluate.retrieved if args.retrieved is None else args.retrieved
     results = {}
