@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -116,6 +117,28 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
 
 def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def task_run_states(flow_run_id, expected: int, timeout: float = 60.0) -> list[str]:
+    """The flow run's task-run states once at least ``expected`` runs are recorded and every one
+    of them is final (or ``timeout`` seconds have passed). Prefect 3 records
+    task-run states in the background, so right after the flow returns the API may still hold
+    some as PENDING or RUNNING, or as a run with no state recorded yet (``state`` is None); on a
+    loaded machine that lag reaches seconds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        states = [run.state.type.value if run.state else "NO STATE" for run in runs]
+        final = [s for s in states if s not in ("NO STATE", "PENDING", "SCHEDULED", "RUNNING")]
+        if (len(states) >= expected and len(final) == len(states)) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ results byte-identical to the serial path; bad settings and failing shards are l
 import importlib.util
 import subprocess
 import sys
-import time
 from functools import partial
 
 import numpy as np
@@ -19,7 +18,7 @@ from cm3leon.tokenizers.vq import VQModel
 from cm3leon.tokenizers.vq_training import encode_images
 from flows.shards import ShardSettings, ShardSettingsError, run_sharded
 
-from conftest import ROOT, project_env
+from conftest import ROOT, project_env, task_run_states
 
 ROWS, BATCH, BATCHES_PER_SHARD = 37, 4, 2  # 5 shards per map: 8 + 8 + 8 + 8 + 5 rows
 
@@ -53,26 +52,6 @@ def work():
         }
 
     return encode_and_embed
-
-
-def task_run_states(flow_run_id, expected: int, timeout: float = 60.0) -> list[str]:
-    """The flow run's task-run states once ``expected`` of them are final. Prefect 3 records
-    task-run states in the background, so right after the flow returns the API may still hold
-    some as PENDING or RUNNING; on a loaded machine that lag reaches seconds."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline = time.monotonic() + timeout
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-            )
-        states = [run.state.type.value for run in runs]
-        final = [s for s in states if s not in ("PENDING", "SCHEDULED", "RUNNING")]
-        if len(final) >= expected or time.monotonic() > deadline:
-            return states
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize(
