@@ -18,7 +18,10 @@ Prompts (CM3Leon §3-4):
   image (other tasks); their ids, captions and scores are returned as provenance;
 - the unconditional stream of CFG / CD-K is the same prompt with each text field replaced by
   the CM3 mask token ``<mask:0>``. The bare ``<mask>`` special is never seen in training, so the
-  sentinel that the causal-masked objective trains on is the mask that carries meaning.
+  sentinel that the causal-masked objective trains on is the mask that carries meaning. Documents
+  retrieved *for the prompt text* are part of the condition and stay out of the unconditional
+  stream too: kept there, they make guidance push away from what they show, i.e. from the
+  prompted scene (documents retrieved for an input image stay, as the image does).
 
 ``samples`` per input are drawn with the given strategies (one per sample, so a list mixes
 them); image samples of text-conditioned tasks are re-ranked by the dual encoder's text-image
@@ -148,7 +151,8 @@ class MultimodalModel:
             return cond, cond
         args = (task, phrasing_for(task, self.phrasing), item.texts, item.images, self.codec)
         cond = [vocab.bos, *context, *render_prompt(*args)]
-        uncond = [vocab.bos, *context, *render_prompt(*args, mask_text=True)]
+        uncond_context = [] if task_spec(task).query is not None else context
+        uncond = [vocab.bos, *uncond_context, *render_prompt(*args, mask_text=True)]
         return cond, uncond
 
     def constraint(self, task: str) -> tuple[ModalityConstraint, int]:

@@ -4,7 +4,12 @@ Given faiss candidates for a query, choose its ``k`` neighbors:
 
 1. never the query document itself;
 2. *relevance*: skip candidates scoring above ``relevance_threshold`` (0.9) — near-duplicates of
-   the query teach the model to copy rather than to use context;
+   a training document teach the model to copy rather than to use context. This is a rule for
+   building training contexts: a generation prompt has no answer in the bank to copy, and there
+   the rule would drop exactly the documents that match the prompt (on ShapeWorld it dropped
+   every exact-scene document from one-object prompts' contexts: 0% of them showed the prompted
+   scene, 50% without the rule), so retrieval at generation time passes
+   ``skip_near_duplicates=False`` (:mod:`cm3leon.retrieval.search`);
 3. *modality*: with ``prefer_multimodal``, documents holding both an image and text come before
    single-modality ones (score order within each group);
 4. *diversity*: skip a candidate more similar than ``duplicate_threshold`` to a neighbor already
@@ -41,12 +46,15 @@ def select_neighbors(
     multimodal: np.ndarray,
     config: RetrievalPolicyConfig,
     self_row: int | None = None,
+    skip_near_duplicates: bool = True,
 ) -> list[Neighbor]:
-    """Apply the policy to one query's candidates (rows into ``bank``, best first)."""
+    """Apply the policy to one query's candidates (rows into ``bank``, best first);
+    ``skip_near_duplicates=False`` leaves out rule 2 (generation-time retrieval)."""
+    threshold = config.relevance_threshold if skip_near_duplicates else np.inf
     kept = [
         Neighbor(int(r), float(s))
         for r, s in zip(candidate_rows, candidate_scores, strict=True)
-        if r >= 0 and r != self_row and s <= config.relevance_threshold
+        if r >= 0 and r != self_row and s <= threshold
     ]
     if config.prefer_multimodal:
         kept.sort(key=lambda n: not multimodal[n.row])  # stable: score order kept within groups

@@ -3,8 +3,11 @@
 :class:`MemoryBank` joins the index stage's artifacts (``data/retrieval``: faiss index,
 ``bank.parquet`` row -> id, the policy it used) with the retriever (``models/retriever``) and the
 bank documents' tokens (``data/tokens``, train split). A text prompt is embedded with the text
-tower, an image with the image tower; faiss returns candidates and the same retrieval policy as
-in training picks ``k`` (no query dropout at inference). Every result carries the document id,
+tower, an image with the image tower; faiss returns candidates and the retrieval policy of
+training picks ``k``, less its two training-only rules: no query dropout, and no relevance
+threshold (which keeps near-duplicates of a *training* document, the answer it would copy, out
+of its context; a prompt's best matches are what generation wants: see
+:mod:`cm3leon.retrieval.policy`). Every result carries the document id,
 caption and score, so a generation can say which memory-bank documents it used.
 """
 
@@ -114,7 +117,12 @@ class MemoryBank:
         out = []
         for row_candidates, row_scores in zip(rows, scores, strict=True):
             chosen = select_neighbors(
-                row_candidates, row_scores, self._bank, self._multimodal, policy
+                row_candidates,
+                row_scores,
+                self._bank,
+                self._multimodal,
+                policy,
+                skip_near_duplicates=False,
             )
             out.append(
                 [

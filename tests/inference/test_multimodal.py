@@ -43,6 +43,17 @@ def test_pretrain_captioning_is_infilling_and_sft_uses_the_template():
     assert uncond == cond  # no text field to mask in this template
 
 
+def test_documents_retrieved_for_the_prompt_text_stay_out_of_the_unconditional_stream():
+    context = [7, VOCAB.eos]
+    item = TaskInput(texts={"caption": "a red circle"})
+    cond, uncond = toy("pretrain").prompts("text_to_image", item, context)
+    assert cond[:3] == [VOCAB.bos, *context] and cond[-1] == VOCAB.brk
+    assert uncond == [VOCAB.bos, VOCAB.sentinel(0), VOCAB.brk]  # neither caption nor context
+    question = TaskInput({"question": "what color is it?"}, {"image": IMAGE})
+    _, uncond = toy("sft").prompts("vqa", question, context)
+    assert uncond[:3] == [VOCAB.bos, *context]  # retrieved for the image, which stays too
+
+
 def test_text_to_image_samples_are_whole_images_and_text_tasks_are_text():
     model = toy("sft")
     items = [TaskInput(texts={"caption": "a red circle"}), TaskInput(texts={"caption": "a"})]

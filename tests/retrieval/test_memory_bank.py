@@ -142,7 +142,6 @@ def test_generation_time_retrieval_follows_the_policy_with_provenance(built):
         for found in results:
             assert 1 <= len(found) <= k
             assert [d.score for d in found] == sorted((d.score for d in found), reverse=True)
-            assert all(d.score <= INDEX.policy.relevance_threshold + 1e-6 for d in found)
             for d in found:
                 assert d.id in bank.documents and d.provenance()["caption"] == d.caption
                 assert vocab.brk in d.ids and vocab.is_image(d.ids[-1])

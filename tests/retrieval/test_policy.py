@@ -53,6 +53,14 @@ def test_near_duplicates_of_the_query_are_skipped():
     assert 1 in pick(relevance_threshold=1.0)
 
 
+def test_generation_time_retrieval_keeps_near_duplicates_of_the_query():
+    config = RetrievalPolicyConfig(k=3, candidates=7)
+    rows, scores = candidates()
+    kept = select_neighbors(rows, scores, BANK, MULTIMODAL, config, skip_near_duplicates=False)
+    assert kept[0].row == 0 and kept[0].score > config.relevance_threshold  # the best match
+    assert select_neighbors(rows, scores, BANK, MULTIMODAL, config)[0].row == 2  # training: skipped
+
+
 def test_neighbors_are_not_duplicates_of_each_other():
     chosen = pick(k=4)
     assert not {2, 3} <= set(chosen)
