@@ -194,7 +194,8 @@ def judge_images(
     chosen = [g.sample_codes[b] for g, b in zip(generations, picks, strict=True)]
     images = model.decode_ids([model.vocab.image_to_vocab(c) for c in chosen])
     agreements, by_count, records = [], {}, []
-    counted, right, any_right = [], [], {}
+    counted, any_right = [], {}
+    objects_right = objects_total = 0
     for row, image, generation, pick in zip(rows, images, generations, picks, strict=True):
         truth = truth_objects(scene_from_json(row[truth_key]))
         parsed = parser.parse(image)
@@ -204,7 +205,7 @@ def judge_images(
         # Why a scene is wrong: the object count, and which true objects came out exactly.
         counted.append(len(parsed) == len(truth))
         exact_objects = sum(same_objects([t], [p]) for t in truth for p in parsed)
-        right.append((exact_objects, len(truth)))
+        objects_right, objects_total = objects_right + exact_objects, objects_total + len(truth)
         any_right.setdefault(len(truth), []).append(exact_objects > 0)
         records.append(
             {
@@ -223,7 +224,7 @@ def judge_images(
     for name in ("position", "shape", "color", "size"):
         metrics[f"{name}_accuracy"] = summary[f"{name}_accuracy"]
     metrics["object_count_accuracy"] = float(np.mean(counted)) if counted else 0.0
-    metrics["objects_right"] = sum(r for r, _ in right) / max(sum(n for _, n in right), 1)
+    metrics["objects_right"] = objects_right / max(objects_total, 1)
     for count, values in sorted(by_count.items()):
         metrics[f"accuracy_{count}_objects"] = float(np.mean(values))
         metrics[f"accuracy_{count}_objects_ci95"] = wilson_interval(sum(values), len(values))

@@ -33,8 +33,9 @@ from cm3leon.training.run_key import run_key
 from cm3leon.training.sequences import (
     RetrievalAugmentedSequences,
     TokenDocument,
+    TrainingSequence,
     collate,
-    sample_indices,
+    document_of,
     sample_numbers,
 )
 
@@ -80,25 +81,48 @@ def equal_compute_baseline(
 ) -> PretrainConfig:
     """The no-retrieval baseline of the retrieval study at *equal compute*: ``config`` with
     ``retrieval_k_max = 0`` and as many more steps as it takes to see the same number of
-    training tokens. The ratio is measured on the first ``probe`` samples of both runs' own
-    streams (deterministic: the sequences are a pure function of the seed and sample number),
+    training tokens. The ratio is measured on the first ``probe`` training samples of both
+    runs' own streams (deterministic: a sample is a pure function of the seed and its number),
     so it follows the data and the retrieval params; warmup stays as configured."""
-    vocab = Vocab.load(tokens_dir)
-    max_seq_len = config.model.shape()["max_seq_len"]
-    bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
-    train_ids, train_docs = load_documents(tokens_dir, "train")
-    neighbors = load_neighbors(retrieval_dir, train_ids, bank)
     baseline = dataclasses.replace(config, retrieval_k_max=0)
+    max_seq_len = config.model.shape()["max_seq_len"]
     tokens = []
     for setting in (config, baseline):
-        built = RetrievalAugmentedSequences(
-            train_docs, neighbors, train_docs, vocab, setting, max_seq_len, seed
-        )
-        size = len(built)
-        count = min(probe, size)
-        tokens.append(sum(sum(w > 0 for w in built.build(i).weights) for i in range(count)))
+        _, train, _ = _sequences(tokens_dir, retrieval_dir, setting, seed, max_seq_len)
+        samples = (train_sample(train, n, seed) for n in range(probe))
+        tokens.append(sum(sum(w > 0 for w in s.weights) for s in samples))
     steps = max(1, round(config.train.steps * tokens[0] / max(tokens[1], 1)))
     return dataclasses.replace(baseline, train=dataclasses.replace(config.train, steps=steps))
+
+
+def train_sample(sequences: RetrievalAugmentedSequences, n: int, seed: int) -> TrainingSequence:
+    """Global training sample number ``n`` of a pretraining run (:func:`document_of`)."""
+    return sequences.build(document_of(n, len(sequences), seed), sample=n)
+
+
+def _sequences(tokens_dir, retrieval_dir, config: PretrainConfig, seed: int, max_seq_len: int):
+    """``(vocab, train, val)`` retrieval-augmented sequences over the train split's bank."""
+    vocab = Vocab.load(tokens_dir)
+    bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
+    train_ids, train_docs = load_documents(tokens_dir, "train")
+    if bank != train_ids:
+        raise ValueError(
+            f"{retrieval_dir} indexes other train documents than {tokens_dir}; rerun index"
+        )
+    val_ids, val_docs = load_documents(tokens_dir, "val")
+    built = [
+        RetrievalAugmentedSequences(
+            docs,
+            load_neighbors(retrieval_dir, ids, bank),
+            train_docs,
+            vocab,
+            config,
+            max_seq_len,
+            seed + offset,
+        )
+        for offset, (ids, docs) in enumerate(((train_ids, train_docs), (val_ids, val_docs)))
+    ]
+    return vocab, built[0], built[1]
 
 
 def pretrain(
@@ -119,49 +143,22 @@ def pretrain(
     device = process.device
     vocab = Vocab.load(tokens_dir)
     tokens_manifest = check_tokens(tokens_dir, vocab)
-    bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
-    train_ids, train_docs = load_documents(tokens_dir, "train")
-    if bank != train_ids:
-        raise ValueError(
-            f"{retrieval_dir} indexes other train documents than {tokens_dir}; rerun index"
-        )
-    val_ids, val_docs = load_documents(tokens_dir, "val")
     shape = TransformerShape.from_config(
         config.model, vocab.size, vocab.image_offset, tokens_manifest["image_tokens"]
     )
-    sequences = {
-        "train": RetrievalAugmentedSequences(
-            train_docs,
-            load_neighbors(retrieval_dir, train_ids, bank),
-            train_docs,
-            vocab,
-            config,
-            shape.max_seq_len,
-            seed,
-        ),
-        "val": RetrievalAugmentedSequences(
-            val_docs,
-            load_neighbors(retrieval_dir, val_ids, bank),
-            train_docs,
-            vocab,
-            config,
-            shape.max_seq_len,
-            seed + 1,
-        ),
-    }
+    _, train_sequences, val_sequences = _sequences(
+        tokens_dir, retrieval_dir, config, seed, shape.max_seq_len
+    )
     train_config = config.train
+    size = train_config.micro_batch_size
 
     def batch_for(step: int, micro: int, rank: int, world: int):
-        place = (step, micro, rank, world, train_config.micro_batch_size)
-        accumulation = train_config.gradient_accumulation_steps
-        numbers = sample_numbers(*place, accumulation)
-        indices = sample_indices(*place, accumulation, len(sequences["train"]), seed)
-        built = [
-            sequences["train"].build(i, sample=n) for i, n in zip(indices, numbers, strict=True)
-        ]
-        return collate(built, vocab.pad)
+        numbers = sample_numbers(
+            step, micro, rank, world, size, train_config.gradient_accumulation_steps
+        )
+        return collate([train_sample(train_sequences, n, seed) for n in numbers], vocab.pad)
 
-    validation = {"val": _validation_batches(sequences["val"], config, train_config)}
+    validation = {"val": _validation_batches(val_sequences, config, train_config)}
     torch.manual_seed(seed)
     model = DecoderLM(shape).to(device)
     key = run_key(config, seed, (tokens_dir, retrieval_dir), (__file__, *code))

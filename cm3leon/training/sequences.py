@@ -185,15 +185,16 @@ def sample_indices(
     dataset_size: int,
     seed: int,
 ) -> list[int]:
-    """Document indices for one micro-batch: a seeded permutation per epoch, walked in order.
+    """Document indices for one micro-batch (:func:`document_of` its sample numbers)."""
+    numbers = sample_numbers(step, micro_step, rank, world, micro_batch, accumulation)
+    return [document_of(n, dataset_size, seed) for n in numbers]
 
-    The micro-batch's :func:`sample_numbers` index an endless stream of epochs.
-    """
-    out = []
-    for n in sample_numbers(step, micro_step, rank, world, micro_batch, accumulation):
-        epoch, position = divmod(n, dataset_size)
-        out.append(int(_permutation(seed, epoch, dataset_size)[position]))
-    return out
+
+def document_of(sample: int, dataset_size: int, seed: int) -> int:
+    """The document index of global sample number ``sample``: the samples walk an endless
+    stream of epochs, each a seeded permutation of the documents."""
+    epoch, position = divmod(sample, dataset_size)
+    return int(_permutation(seed, epoch, dataset_size)[position])
 
 
 @functools.lru_cache(maxsize=2)  # a step spans at most two epochs
