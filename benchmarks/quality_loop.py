@@ -17,6 +17,14 @@ Each run appends one JSON line (overrides, tokens seen, seconds, val losses, met
 training targets) and ``train_seconds``. ``--eval-only`` rescores a run's model (e.g. at another
 ``--retrieved`` or ``--samples``). A 300-step loop ranks nothing here (every run scores 0), so
 runs use the default's 2,000 steps.
+
+``--stage sft --base NAME`` instead fine-tunes run ``NAME``'s pretrained model (``--base`` may
+also be a model folder, e.g. ``models/pretrain``) with the ``sft`` overrides and scores every
+task of the registry as the evaluate stage does (``evaluate.task_examples`` rows each; text-to-
+image with the same plan as above, the other tasks with ``evaluate.decoding.answer_strategy``)::
+
+    python benchmarks/quality_loop.py --stage sft --base models/pretrain --name sft-3k \
+        -S sft.train.steps=3000 --cfg 1.5
 """
 
 from __future__ import annotations
@@ -31,9 +39,16 @@ from machine import describe_machine
 
 from cm3leon.config import load_params
 from cm3leon.data.shapeworld_parser import ShapeWorldParser
-from cm3leon.evaluation.tasks import SceneJudge, load_test_set, score_task, strategies
+from cm3leon.evaluation.tasks import (
+    SceneJudge,
+    answer_strategy,
+    load_test_set,
+    score_task,
+    strategies,
+)
 from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.project import stage_arguments
+from cm3leon.sft.finetuning import finetune
 from cm3leon.tasks import TASKS
 from cm3leon.training.pretraining import pretrain
 
@@ -56,6 +71,8 @@ def apply_override(tree: dict, assignment: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="run name (folder under --work)")
+    parser.add_argument("--stage", choices=("pretrain", "sft"), default="pretrain")
+    parser.add_argument("--base", help="sft: the run name or model folder to fine-tune")
     parser.add_argument("-S", dest="overrides", action="append", default=[])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--work", default=".scratch/quality_loop")
@@ -66,6 +83,11 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, action="append", help="CFG weights (default 1)")
     parser.add_argument("--retrieved", type=int, default=None, help="default evaluate.retrieved")
     parser.add_argument("--eval-only", action="store_true", help="score the existing model")
+    parser.add_argument(
+        "--retrieval",
+        help="a memory bank and neighbor table other than dvc.yaml's (e.g. one built with other "
+        "index.policy params): pretraining and generation-time retrieval both use it",
+    )
     args = parser.parse_args()
 
     tree = yaml.safe_load(Path(args.params).read_text())
@@ -78,12 +100,13 @@ def main() -> None:
     seed = params.base.seed
 
     logged: dict[str, float] = {}
+    steps = (params.pretrain if args.stage == "pretrain" else params.sft).train.steps
 
     def on_log(step: int, metrics: dict) -> None:
         logged.update({k: v for k, v in metrics.items() if isinstance(v, float)})
         if "train/loss" in metrics:
             print(
-                f"[{args.name}] step {step}/{params.pretrain.train.steps} "
+                f"[{args.name}] step {step}/{steps} "
                 f"loss {metrics['train/loss']:.3f} "
                 f"{metrics.get('train/tokens_per_second', 0):.0f} tok/s",
                 flush=True,
@@ -93,15 +116,34 @@ def main() -> None:
 
     # artifact paths as the stages' commands in dvc.yaml name them
     paths = {**stage_arguments(".", "pretrain"), **stage_arguments(".", "evaluate")}
+    if args.retrieval:
+        paths["retrieval"] = args.retrieval
+    if args.stage == "sft" and args.base is None:
+        raise SystemExit("--stage sft needs --base (a run name or a pretrained model folder)")
+    model_dir = work / args.stage
     tick = time.perf_counter()
-    if not args.eval_only:
+    if not args.eval_only and args.stage == "pretrain":
         pretrain(
             paths["tokens"],
             paths["retrieval"],
             params.pretrain,
             seed,
-            work / "pretrain",
+            model_dir,
             work / "scratch",
+            on_log,
+        )
+    elif not args.eval_only:
+        base = Path(args.base)
+        if not (base / "config.json").is_file():
+            base = Path(args.work) / args.base / "pretrain"
+        finetune(
+            base,
+            paths["tokens"],
+            paths["text-tokenizer"],
+            params.sft,
+            seed,
+            model_dir,
+            work / "scratch_sft",
             on_log,
         )
     train_seconds = time.perf_counter() - tick
@@ -109,22 +151,26 @@ def main() -> None:
 
     evaluate = params.evaluate
     model = MultimodalModel.load(
-        work / "pretrain",
+        model_dir,
         paths["vq"],
         paths["text-tokenizer"],
         paths["tokens"],
         paths["retriever"],
         paths["retrieval"],
+        phrasing=evaluate.phrasing,
         batch_size=evaluate.batch_size,
+        max_text_tokens=evaluate.max_text_tokens,
     )
     judge = SceneJudge(
         ShapeWorldParser.from_config(params.data.shapeworld, params.data.image_size),
         params.data.shapeworld,
     )
+    examples = evaluate.task_examples if args.stage == "sft" else 0
     test = load_test_set(
-        paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, 0, seed
+        paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, examples, seed
     )
-    retrieved = evaluate.retrieved if args.retrieved is None else args.retrieved
+    default_retrieved = evaluate.retrieved if args.stage == "pretrain" else evaluate.sft_retrieved
+    retrieved = default_retrieved if args.retrieved is None else args.retrieved
     results = {}
     for weight in args.cfg or [1.0]:
         plan = strategies(evaluate.decoding, args.strategy, args.samples, weight)
@@ -135,9 +181,24 @@ def main() -> None:
         metrics["eval_seconds"] = time.perf_counter() - tick
         results[f"cfg_{weight:g}"] = metrics
         print(f"[{args.name}] cfg {weight:g}: " + _summary(metrics), flush=True)
+    if args.stage == "sft":  # every other task, as the evaluate stage scores it
+        for spec in TASKS.values():
+            if spec.name == "text_to_image":
+                continue
+            rows = test.documents if spec.table is None else test.tasks[spec.name]
+            plan = answer_strategy(evaluate.decoding)
+            metrics, _ = score_task(model, spec, rows, judge, plan, retrieved, seed)
+            results[spec.name] = metrics
+            value, (low, high) = metrics[spec.headline], metrics[f"{spec.headline}_ci95"]
+            print(
+                f"[{args.name}] {spec.name} {spec.headline} {value:.3f} [{low:.3f}, {high:.3f}]",
+                flush=True,
+            )
 
     line = {
         "name": args.name,
+        "stage": args.stage,
+        "base": args.base,
         "overrides": args.overrides,
         "machine": describe_machine(),
         "train_seconds": round(train_seconds, 1),
@@ -149,6 +210,7 @@ def main() -> None:
             "strategy": args.strategy,
             "retrieved": retrieved,
         },
+        "retrieval": paths["retrieval"],
         "results": results,
     }
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
