@@ -62,7 +62,7 @@ TINY_PARAMS = {
         },
     },
     "pretrain": {
-        "model": {"preset": "tiny"},
+        "model": {"preset": "tiny", "n_head": None},  # the preset's heads, not the CPU run's 8
         "train": {
             "steps": 4,
             "micro_batch_size": 4,
