@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -264,6 +266,9 @@ def _run_suite(
         .add_batch_definition_whole_dataframe("whole")
     )
     suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+    for i, each in enumerate(suite.expectations):  # GE draws uuid4 ids; equal suites, equal ids
+        each.id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"cm3leon/validate/{name}/{i}"))
+    suite.save()
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=name, data=batch, suite=suite)
     )
@@ -275,7 +280,7 @@ def _run_suite(
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample},
         )
     )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=_run_id())
     return next(iter(result.run_results.values()))
 
 
@@ -364,6 +369,7 @@ def validate_corpus(
             name: _run_suite(context, name, frame, expectations, config.sample_failures)
             for name, (frame, expectations) in frames.items()
         }
+        _without_render_times(docs_dir)
     failures = [
         f for name, r in results.items() for f in _failures(name, r, config.sample_failures)
     ]
@@ -374,6 +380,36 @@ def validate_corpus(
     )
     _write_report(report_dir, report, results)
     return report
+
+
+# Data Docs are a DVC output, so equal data must give equal bytes. Every checkpoint runs under
+# one fixed run identity (pages' paths and "run time" column carry it, not the clock), the
+# expectations get ids derived from suite and position, and after rendering each page's
+# remaining per-run values are normalized: the renderer's clock stamps (``?d=<now>`` after
+# asset URLs, the batch's ``ge_load_time``) become the fixed run time, and the random element
+# ids of collapsible blocks (uuid4) are renumbered in order of appearance within the page.
+RUN_ID_NAME = "cm3leon-validate"
+RUN_ID_TIME = "1970-01-01T00:00:00+00:00"
+_FIXED_STAMP = "19700101T000000.000000Z"
+_CLOCK_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _run_id():
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    return RunIdentifier(run_name=RUN_ID_NAME, run_time=RUN_ID_TIME)
+
+
+def _without_render_times(docs_dir: Path) -> None:
+    for page in sorted(docs_dir.rglob("*.html")):
+        text = _CLOCK_STAMP.sub(_FIXED_STAMP, page.read_text(encoding="utf-8"))
+        atomic_write_text(page, _renumbered(text))
+
+
+def _renumbered(text: str) -> str:
+    order: dict[str, str] = {}
+    return _UUID.sub(lambda m: order.setdefault(m[0], f"element-{len(order):04d}"), text)
 
 
 # Per-run identifiers and clock times GE adds; dropped so equal data gives equal results.json.

@@ -127,7 +127,9 @@ def finetune(
             on_log(0, {f"pretrain_{name}/{k}": v for k, v in metrics.items()})
     key = run_key(config, seed, (tokens_dir, pretrain_dir), (__file__, *code))
     checkpoints = Path(scratch_root) / key
-    trained = train(model, batch_for, validation, vocab, train_config, checkpoints, process, on_log)
+    trained = train(
+        model, batch_for, validation, vocab, train_config, checkpoints, process, on_log, "sft"
+    )
     export_meta = {
         "stage": "sft",
         "tokens_vocab_fingerprint": manifest["vocab_fingerprint"],

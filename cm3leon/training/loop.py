@@ -11,7 +11,11 @@ Used by pretraining and SFT alike; what differs between them is only which batch
 - logs train loss, learning rate, tokens/s and tokens seen (kept in the checkpoint) every
   ``log_every`` steps, and validation loss and perplexity — on text tokens, image tokens and
   the query documents — every ``eval_every`` steps and at the end, through a callback that
-  runs on rank 0 only.
+  runs on rank 0 only;
+- shows progress on stderr (rank 0): a tqdm bar (step/total, rate, ETA, loss, tokens/s) when
+  stderr is a terminal, and in any case one plain line per evaluation — step/total, train and
+  val loss, tokens/s, elapsed and ETA — and one when a run resumes, so ``dvc repro`` and Prefect
+  logs show where a run is.
 
 Checkpoints in ``checkpoint_dir`` are DeepSpeed's own (model + optimizer + scheduler state);
 the tracked artifact is the exported model folder written by the caller.
@@ -20,6 +24,7 @@ the tracked artifact is the exported model folder written by the caller.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from cm3leon.config import TrainConfig
 from cm3leon.schedules import warmup_cosine
@@ -70,11 +76,12 @@ def train(
     checkpoint_dir: str | Path,
     process: Process,
     on_log: LogCallback | None = None,
+    desc: str = "train",
 ) -> nn.Module:
     """Train ``model``; ``batch_for(step, micro_step, rank, world)`` gives each micro-batch.
 
-    ``validation`` maps a name to fixed batches scored with :func:`evaluate`. Returns the
-    trained module (unwrapped from the engine).
+    ``validation`` maps a name to fixed batches scored with :func:`evaluate`; ``desc`` names
+    the run in the progress output. Returns the trained module (unwrapped from the engine).
     """
     import deepspeed
 
@@ -94,11 +101,13 @@ def train(
         _, client_state = engine.load_checkpoint(str(checkpoint_dir))
         start, seen = int(client_state["step"]), int(client_state.get("tokens_seen", 0))
         _log(on_log, rank, start, {"resumed_from_step": float(start)})
+        _say(rank, f"{desc}: resumed from step {start}/{config.steps} ({checkpoint_dir})")
     if start >= config.steps:  # finished before: report the final validation again
         for name, batches in validation.items():
             metrics = evaluate(engine, batches, vocab, device)
             _log(on_log, rank, start, {f"{name}/{k}": v for k, v in metrics.items()})
     tokens, window_start = 0, time.perf_counter()
+    progress = _Progress(desc, start, config.steps, rank)
     for step in range(start, config.steps):
         engine.train()
         losses = []
@@ -113,28 +122,30 @@ def train(
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
-            _log(
-                on_log,
-                rank,
-                done,
-                {
-                    "train/loss": _mean_over_ranks(sum(losses) / len(losses), world, device),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_second": tokens / max(elapsed, 1e-9),
-                    "train/tokens_seen": float(seen),
-                },
-            )
+            logged = {
+                "train/loss": _mean_over_ranks(sum(losses) / len(losses), world, device),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_second": tokens / max(elapsed, 1e-9),
+                "train/tokens_seen": float(seen),
+            }
+            _log(on_log, rank, done, logged)
+            progress.train(logged)
             tokens, window_start = 0, time.perf_counter()
+        progress.step(done)
         if done % config.eval_every == 0 or done == config.steps:
+            val = {}
             for name, batches in validation.items():
                 metrics = evaluate(engine, batches, vocab, device)
                 _log(on_log, rank, done, {f"{name}/{k}": v for k, v in metrics.items()})
+                val[name] = metrics["loss"]
+            progress.line(done, val)
         if done % config.checkpoint_every == 0 or done == config.steps:
             engine.save_checkpoint(
                 str(checkpoint_dir),
                 tag=f"step{done}",
                 client_state={"step": done, "tokens_seen": seen},
             )
+    progress.close()
     return engine.module
 
 
@@ -195,3 +206,58 @@ def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
 def _log(on_log: LogCallback | None, rank: int, step: int, metrics: dict[str, float]) -> None:
     if on_log is not None and rank == 0:
         on_log(step, metrics)
+
+
+def _say(rank: int, line: str) -> None:
+    if rank == 0:
+        tqdm.write(line, file=sys.stderr)
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """Rank 0's progress on stderr: a tqdm bar on a terminal (none elsewhere) and one line per
+    evaluation everywhere — what ``dvc repro`` and Prefect's logs show of a training run."""
+
+    def __init__(self, desc: str, start: int, total: int, rank: int) -> None:
+        self.desc, self.start, self.total, self.rank = desc, start, total, rank
+        self.began = time.perf_counter()
+        self.last: dict[str, float] = {}
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            desc=desc,
+            unit="step",
+            mininterval=5,
+            file=sys.stderr,
+            disable=None if rank == 0 else True,  # None: off when stderr is not a terminal
+        )
+
+    def train(self, logged: dict[str, float]) -> None:
+        self.last = logged
+        self.bar.set_postfix(
+            loss=f"{logged['train/loss']:.3f}",
+            tok_s=f"{logged['train/tokens_per_second']:,.0f}",
+            refresh=False,
+        )
+
+    def step(self, done: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def line(self, done: int, val: dict[str, float]) -> None:
+        elapsed = time.perf_counter() - self.began
+        eta = elapsed / max(done - self.start, 1) * (self.total - done)
+        parts = [f"{self.desc}: step {done}/{self.total}"]
+        if self.last:
+            parts.append(f"loss {self.last['train/loss']:.3f}")
+        parts += [f"{name} {loss:.3f}" for name, loss in val.items()]
+        if self.last:
+            parts.append(f"{self.last['train/tokens_per_second']:,.0f} tokens/s")
+        parts.append(f"elapsed {_clock(elapsed)} ETA {_clock(eta)}")
+        _say(self.rank, " | ".join(parts))
+
+    def close(self) -> None:
+        self.bar.close()

@@ -163,7 +163,10 @@ def pretrain(
     model = DecoderLM(shape).to(device)
     key = run_key(config, seed, (tokens_dir, retrieval_dir), (__file__, *code))
     checkpoints = Path(scratch_root) / key
-    trained = train(model, batch_for, validation, vocab, train_config, checkpoints, process, on_log)
+    desc = "pretrain" if config.retrieval_k_max else "pretrain (no retrieval)"
+    trained = train(
+        model, batch_for, validation, vocab, train_config, checkpoints, process, on_log, desc
+    )
     meta = {
         "stage": "pretrain",
         "tokens_vocab_fingerprint": tokens_manifest["vocab_fingerprint"],

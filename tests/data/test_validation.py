@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -89,6 +90,27 @@ def test_clean_corpus_passes(clean: tuple[Path, ValidationReport]) -> None:
     assert "PASSED" in (out / "summary.md").read_text()
     assert not (Path.cwd() / "gx").exists()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_equal_data_gives_equal_report_bytes(clean: tuple[Path, ValidationReport]) -> None:
+    """Data Docs are a DVC output: a second run on the same corpus writes the same bytes
+    (GE's run ids, clock stamps and random element ids are fixed or normalized), and the
+    renumbered element ids still pair each collapsible block's link with its body."""
+    tmp_path, _ = clean
+    again = validate_corpus(tmp_path / "corpus", DATA_CONFIG, CONFIG, tmp_path / "again")
+    assert again.success
+    first, second = tmp_path / "report", tmp_path / "again"
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert any(f.parts[0] == "data_docs" and f.parts[1] == "validations" for f in files)
+    differing = [f for f in files if (first / f).read_bytes() != (second / f).read_bytes()]
+    assert differing == []
+    for page in (first / "data_docs" / "validations").rglob("*.html"):
+        text = page.read_text()
+        links = set(re.findall(r'href="#(section-[^"]+-collapse-body-[^"]+)"', text))
+        assert links, page
+        assert all(f"id={link} " in text or f'id="{link}"' in text for link in links), page
+        assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-", text), page  # no uuid4
 
 
 def test_empty_caption(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and 2-process (torchrun, ZeRO-2) equivalence with 1 process at the same global b
 import csv
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -138,7 +139,16 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
-    run(command(inputs, tmp_path, params_file(tmp_path)))
+    proc = run(command(inputs, tmp_path, params_file(tmp_path)))
+    # progress: no terminal here, so no bar, but one line per evaluation (eval_every 4 of 8)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("pretrain: step ")]
+    assert [line.split(" | ")[0] for line in lines] == ["pretrain: step 4/8", "pretrain: step 8/8"]
+    assert re.fullmatch(
+        r"pretrain: step 8/8 \| loss \d+\.\d{3} \| val \d+\.\d{3} \| [\d,]+ tokens/s"
+        r" \| elapsed \d+:\d\d:\d\d ETA 0:00:00",
+        lines[-1],
+    ), lines[-1]
+    assert "\r" not in proc.stderr.replace("\r\n", "\n")  # no bar redraws in a log
     _, vocab, meta, _ = load_decoder(tmp_path / "model")
     assert meta["shape"]["n_layer"] == 2 and meta["shape"]["vocab_size"] == vocab.size
     series = losses(tmp_path)
@@ -217,9 +227,10 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(inputs, tmp
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "model").exists()  # nothing exported by the killed run
-    run(command(inputs, killed, params))
+    proc = run(command(inputs, killed, params))
     resumed = (killed / "live/plots/metrics/resumed_from_step.tsv").read_text().split()
     assert int(float(resumed[-1])) >= 4  # continued from a checkpoint, not from scratch
+    assert f"pretrain: resumed from step {int(float(resumed[-1]))}/12" in proc.stderr
     a, b = weights(straight), weights(killed)
     for name in a:
         assert torch.equal(a[name], b[name]), name
