@@ -9,6 +9,7 @@ place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,17 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+
+def folder_digest(folder: str | Path) -> str:
+    """sha256 hex over every file under ``folder``: its relative path and its bytes' sha256,
+    in sorted order — equal folders, equal digests, whatever the file times."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

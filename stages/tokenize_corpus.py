@@ -13,16 +13,14 @@ identical outputs on every runner (`stages/shard_runner.py`).
 """
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from shard_runner import run_on_shard_runner
 from stage_runtime import StageRun, run_stage
 
 from cm3leon.artifacts import image_grid, write_png
 from cm3leon.config import load_params
-from cm3leon.data.corpus import CorpusError
+from cm3leon.data.validation import check_validated
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 
 
@@ -44,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def work(run: StageRun) -> dict[str, float]:
         params = load_params(args.params)
-        gate = json.loads(Path(args.validation).read_text(encoding="utf-8"))
-        if not gate.get("success"):
-            raise CorpusError(f"{args.validation} says the corpus failed validation; fix it first")
+        check_validated(args.corpus, args.validation)
         result = run_on_shard_runner(
             run.stage,
             "encoding images",

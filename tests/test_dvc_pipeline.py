@@ -177,9 +177,9 @@ def test_same_seed_gives_identical_corpus_hashes(make_project):
     dvc("repro", "prepare", cwd=c)
     assert lock_outs(a, "prepare") == lock_outs(b, "prepare")
     assert lock_outs(a, "prepare") != lock_outs(c, "prepare")
-    # the validation results too (GE's run ids and clock times are left out of results.json)
-    results = "reports/validation/results.json"
-    assert lock_outs(a, "validate")[results] == lock_outs(b, "validate")[results]
+    # every validation output too, Data Docs included (GE's run ids, clock times and element
+    # ids are fixed or normalized)
+    assert lock_outs(a, "validate") == lock_outs(b, "validate")
     # and the tokenizers and tokens (metrics.json differs: it records the stage's wall time)
     artifacts = ("models/vq", "models/text_tokenizer", "data/tokens")
     assert [lock_outs(a, "tokenize")[p] for p in artifacts] == [
@@ -191,6 +191,20 @@ def test_same_seed_gives_identical_corpus_hashes(make_project):
     )
     # and every evaluation output: generations, predictions, tables, plots and grids
     assert lock_outs(a, "evaluate")["reports/eval"] == lock_outs(b, "evaluate")["reports/eval"]
+
+
+def test_a_corpus_changed_after_validation_is_not_tokenized(make_project):
+    """`dvc repro -s tokenize` runs tokenize alone: the gate must check that the corpus is
+    the one validate passed, not only that validate passed once."""
+    root = make_project()
+    dvc("repro", "validate", cwd=root)
+    corrupt_corpus(root)  # a caption blanked and committed as prepare's output
+    proc = dvc("repro", "-s", "tokenize", cwd=root, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "tokenize: error: data/corpus is not the corpus" in output, output[-2000:]
+    assert "reports/validation/metrics.json validated" in output
+    assert not (root / "models/vq").exists() and not (root / "data/tokens").exists()
 
 
 def test_corrupted_corpus_fails_validate_and_stops_the_dag(make_project):

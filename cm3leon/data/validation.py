@@ -19,6 +19,7 @@ progress bars are off, and nothing touches the network.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -31,9 +32,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cm3leon.artifacts import atomic_dir, atomic_write_json, atomic_write_text
+from cm3leon.artifacts import atomic_dir, atomic_write_json, atomic_write_text, folder_digest
 from cm3leon.config import DataConfig, ValidateConfig
-from cm3leon.data.corpus import DOCUMENT_SCHEMA, SPLITS, iter_documents, read_task_table
+from cm3leon.data.corpus import (
+    DOCUMENT_SCHEMA,
+    SPLITS,
+    CorpusError,
+    iter_documents,
+    read_task_table,
+)
 from cm3leon.tasks import TABLE_TASKS, table_spec
 
 if TYPE_CHECKING:
@@ -343,12 +350,36 @@ def _metrics(
     }
 
 
+def check_validated(corpus_dir: str | Path, metrics_path: str | Path) -> None:
+    """Refuse a corpus the gate did not pass: ``metrics_path`` (validate's ``metrics.json``)
+    must say success **for these bytes** — its ``corpus_digest`` must be the corpus folder's
+    digest now, so a corpus rewritten after validation (by hand, or a ``dvc repro -s`` of a
+    later stage) is not tokenized unchecked."""
+    metrics_path = Path(metrics_path)
+    try:
+        gate = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CorpusError(f"{metrics_path} not found: run the validate stage first") from None
+    except json.JSONDecodeError as err:
+        raise CorpusError(f"{metrics_path} is not valid JSON ({err}): rerun validate") from None
+    if not gate.get("success"):
+        raise CorpusError(f"{metrics_path} says the corpus failed validation; fix it first")
+    digest = folder_digest(corpus_dir)
+    if gate.get("corpus_digest") != digest:
+        raise CorpusError(
+            f"{corpus_dir} is not the corpus {metrics_path} validated (corpus digest "
+            f"{digest[:16]}, validated {str(gate.get('corpus_digest'))[:16]}): it changed after "
+            "validation; run the validate stage on it (dvc repro validate)"
+        )
+
+
 def validate_corpus(
     corpus_dir: str | Path, data_config: DataConfig, config: ValidateConfig, report_dir: Path
 ) -> ValidationReport:
     """Check the corpus with GE suites and write results, metrics, summary and Data Docs."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
+    corpus_digest = folder_digest(corpus_dir)  # what was checked: the gate names it
     docs = documents_frame(corpus_dir)
     frames: dict[str, tuple[pd.DataFrame, list[Expectation]]] = {
         "documents": (docs, document_expectations(data_config, config)),
@@ -376,7 +407,7 @@ def validate_corpus(
     report = ValidationReport(
         success=all(r.success for r in results.values()),
         failures=failures,
-        metrics=_metrics(results, docs, tasks),
+        metrics={**_metrics(results, docs, tasks), "corpus_digest": corpus_digest},
     )
     _write_report(report_dir, report, results)
     return report

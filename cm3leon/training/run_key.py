@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from cm3leon.artifacts import folder_digest
 from cm3leon.source_closure import source_digest
 
 
@@ -30,9 +31,7 @@ def run_key(
     digest = hashlib.sha256(
         json.dumps({"config": asdict(config), "seed": seed}, sort_keys=True).encode()
     )
-    for folder in map(Path, inputs):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(folder)).encode())
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    for folder in inputs:
+        digest.update(folder_digest(folder).encode())
     digest.update(source_digest(code).encode())
     return digest.hexdigest()[:16]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cm3leon.config import DataConfig, ValidateConfig
-from cm3leon.data.corpus import CorpusRecord, write_corpus
-from cm3leon.data.validation import ValidationReport, validate_corpus
+from cm3leon.data.corpus import CorpusError, CorpusRecord, write_corpus
+from cm3leon.data.validation import ValidationReport, check_validated, validate_corpus
 
 SIZE = 32
 DATA_CONFIG = DataConfig(image_size=SIZE)
@@ -111,6 +112,33 @@ def test_equal_data_gives_equal_report_bytes(clean: tuple[Path, ValidationReport
         assert links, page
         assert all(f"id={link} " in text or f'id="{link}"' in text for link in links), page
         assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-", text), page  # no uuid4
+
+
+def test_the_gate_names_the_corpus_it_passed(
+    clean: tuple[Path, ValidationReport], tmp_path: Path
+) -> None:
+    """check_validated accepts the validated corpus and refuses the same folder once a byte of
+    it changed, or a failed, missing or torn metrics file, each with the file named."""
+    root, _ = clean
+    metrics = root / "report" / "metrics.json"
+    check_validated(root / "corpus", metrics)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", corpus)
+    check_validated(corpus, metrics)  # same bytes elsewhere: the same corpus
+    shard = sorted(corpus.glob("shard-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes() + b"\0")
+    with pytest.raises(CorpusError, match=r"is not the corpus .* validated .* changed after"):
+        check_validated(corpus, metrics)
+    failed = tmp_path / "failed.json"
+    failed.write_text(json.dumps({**json.loads(metrics.read_text()), "success": False}))
+    with pytest.raises(CorpusError, match=r"failed.json says the corpus failed validation"):
+        check_validated(root / "corpus", failed)
+    with pytest.raises(CorpusError, match=r"missing.json not found"):
+        check_validated(root / "corpus", tmp_path / "missing.json")
+    torn = tmp_path / "torn.json"
+    torn.write_text('{"success": tr')
+    with pytest.raises(CorpusError, match=r"torn.json is not valid JSON"):
+        check_validated(root / "corpus", torn)
 
 
 def test_empty_caption(tmp_path: Path) -> None:
