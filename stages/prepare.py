@@ -1,6 +1,7 @@
 """DVC stage `prepare`: build the corpus (ShapeWorld or the user's data) as sharded Parquet.
 
-Reads params `base.seed` and `data`; writes the corpus folder given by `--out`
+Reads params `base.seed`, `data` and the caption bounds of `validate` (rows outside them are
+invalid here, not a failed gate later); writes the corpus folder given by `--out`
 (documents, task tables, quarantine table, manifest.json). Exits non-zero, naming every invalid
 row, when user data has problems and `data.on_invalid` is `fail`.
 """
@@ -24,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def work(run: StageRun) -> None:
         params = load_params(args.params)
-        manifest = prepare_corpus(params.data, params.base.seed, args.out)
+        bounds = (params.validate.caption_min_chars, params.validate.caption_max_chars)
+        manifest = prepare_corpus(params.data, params.base.seed, args.out, bounds)
         print(
             f"prepare: wrote {manifest['num_documents']} documents to {args.out} "
             f"(splits {manifest['splits']}, tasks {manifest['tasks']}, "

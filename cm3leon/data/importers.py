@@ -40,6 +40,7 @@ from cm3leon.data.corpus import SPLITS, CorpusRecord, image_sha256
 
 MANIFEST_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl"}
 REQUIRED_COLUMNS = ("image", "caption")
+CAPTION_CHARS = (1, 512)  # ValidateConfig's default caption bounds
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited onto
 
 
@@ -165,6 +166,20 @@ def _text(value: Any, what: str) -> tuple[str | None, str | None]:
     return value.strip(), None
 
 
+def _caption(value: Any, chars: tuple[int, int]) -> tuple[str | None, str | None]:
+    """A caption as :func:`_text`, within the validation gate's length bounds ``chars``
+    (``validate.caption_min_chars``, ``validate.caption_max_chars``): a row the gate would fail
+    is set aside here, named, instead of failing the whole corpus later."""
+    caption, problem = _text(value, "caption")
+    if caption is not None and not chars[0] <= len(caption) <= chars[1]:
+        bound = "max" if len(caption) > chars[1] else "min"
+        limit = chars[1] if bound == "max" else chars[0]
+        return None, (
+            f"caption has {len(caption)} characters; validate.caption_{bound}_chars is {limit}"
+        )
+    return caption, problem
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -259,9 +274,13 @@ _READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
 
 
 def load_manifest(
-    path: str | Path, root: str | Path | None = None, image_size: int = 32
+    path: str | Path,
+    root: str | Path | None = None,
+    image_size: int = 32,
+    caption_chars: tuple[int, int] = CAPTION_CHARS,
 ) -> ImportResult:
-    """Load a CSV / Parquet / JSON-lines manifest; see the module docstring for the rules."""
+    """Load a CSV / Parquet / JSON-lines manifest; see the module docstring for the rules.
+    ``caption_chars``: the (min, max) caption length a row may have."""
     path = Path(path)
     file = str(path)
     kind = MANIFEST_FORMATS.get(path.suffix.lower())
@@ -292,7 +311,7 @@ def load_manifest(
             continue
         given = row.get("image")
         image_path, path_problem = _text(given, "image path")
-        caption, caption_problem = _text(row.get("caption"), "caption")
+        caption, caption_problem = _caption(row.get("caption"), caption_chars)
         problems = [p for p in (path_problem, caption_problem) if p]
         split = None if _blank(row.get("split")) else row["split"]
         if split is not None and (not isinstance(split, str) or split.strip() not in SPLITS):
@@ -341,9 +360,13 @@ def load_manifest(
 
 
 def load_coco(
-    annotations_json: str | Path, images_dir: str | Path, image_size: int = 32
+    annotations_json: str | Path,
+    images_dir: str | Path,
+    image_size: int = 32,
+    caption_chars: tuple[int, int] = CAPTION_CHARS,
 ) -> ImportResult:
-    """Load a COCO captions file: one document per image with all of its valid captions.
+    """Load a COCO captions file: one document per image with all of its valid captions
+    (each within ``caption_chars``, the (min, max) caption length).
 
     Image ids are matched as text (``1`` and ``"1"`` are the same image). Invalid annotations
     (unknown image id, bad caption) are reported as ``annotations[k]`` after the invalid images.
@@ -396,7 +419,7 @@ def load_coco(
             reason = f"refers to unknown image id {_short(ann.get('image_id'))}"
             bad_annotations.append(InvalidRow(file, label, "", reason))
             continue
-        caption, problem = _text(ann.get("caption"), "caption")
+        caption, problem = _caption(ann.get("caption"), caption_chars)
         if problem:
             bad_annotations.append(InvalidRow(file, label, file_name_of[owner] or "", problem))
         else:

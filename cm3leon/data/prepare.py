@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from cm3leon.config import DataConfig
 from cm3leon.data.corpus import CorpusRecord, image_sha256, write_corpus
-from cm3leon.data.importers import apply_invalid_policy, load_coco, load_manifest
+from cm3leon.data.importers import CAPTION_CHARS, apply_invalid_policy, load_coco, load_manifest
 from cm3leon.data.shapeworld import (
     Scene,
     caption_scene,
@@ -38,8 +38,15 @@ from cm3leon.data.tasks import build_task_tables
 log = logging.getLogger(__name__)
 
 
-def prepare_corpus(config: DataConfig, seed: int, out_dir: str | Path) -> dict[str, Any]:
-    """Write the corpus for ``config`` to ``out_dir``; returns its manifest."""
+def prepare_corpus(
+    config: DataConfig,
+    seed: int,
+    out_dir: str | Path,
+    caption_chars: tuple[int, int] = CAPTION_CHARS,
+) -> dict[str, Any]:
+    """Write the corpus for ``config`` to ``out_dir``; returns its manifest. User rows whose
+    caption is outside ``caption_chars`` (the validation gate's bounds) are invalid rows, under
+    ``data.on_invalid`` like any other."""
     if config.source == "shapeworld":
         scenes = generate_scenes(config.shapeworld, seed)
         records, quarantine = _shapeworld_records(scenes, config, seed), []
@@ -47,9 +54,13 @@ def prepare_corpus(config: DataConfig, seed: int, out_dir: str | Path) -> dict[s
         tasks = build_task_tables(ids, scenes, config.shapeworld, config.image_size, seed)
     else:
         if config.source == "manifest":
-            result = load_manifest(config.manifest.path, config.manifest.root, config.image_size)
+            result = load_manifest(
+                config.manifest.path, config.manifest.root, config.image_size, caption_chars
+            )
         else:
-            result = load_coco(config.coco.annotations, config.coco.images, config.image_size)
+            result = load_coco(
+                config.coco.annotations, config.coco.images, config.image_size, caption_chars
+            )
         records, quarantine = apply_invalid_policy(result, config.on_invalid)
         if quarantine:
             log.warning("%d invalid rows set aside in the quarantine table", len(quarantine))

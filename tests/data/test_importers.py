@@ -374,3 +374,28 @@ def test_invalid_row_as_dict_matches_quarantine_schema() -> None:
     row = InvalidRow("m.csv", "3", "img/x.png", "caption is empty")
     assert list(row.as_dict()) == QUARANTINE_SCHEMA.names
     assert str(row) == "m.csv:3: img/x.png: caption is empty"
+
+
+def test_captions_outside_the_gate_bounds_are_invalid_rows(ds: Path) -> None:
+    """A caption validate would fail (here: longer than 20 or shorter than 3 characters) is an
+    invalid row of the manifest or annotation, named with its length and the bound's param,
+    so quarantine sets it aside instead of the gate failing the whole corpus."""
+    rows = [
+        {"id": "a", "image": "img/a.png", "caption": "x" * 21},
+        {"id": "b", "image": "img/b.jpg", "caption": "ab"},
+        {"id": "c", "image": "img/wide.png", "caption": "x" * 20},
+    ]
+    result = load_manifest(_write(ds / "m.jsonl", rows), image_size=SIZE, caption_chars=(3, 20))
+    assert [r.id for r in result.records] == ["c"]
+    reasons = {r.row: r.reason for r in result.invalid}
+    assert reasons == {
+        "1": "caption has 21 characters; validate.caption_max_chars is 20",
+        "2": "caption has 2 characters; validate.caption_min_chars is 3",
+    }
+    images = [{"id": 1, "file_name": "img/a.png"}]
+    annotations = [{"image_id": 1, "caption": "y" * 30}, {"image_id": 1, "caption": "fine"}]
+    result = load_coco(_coco(ds, images, annotations), ds, SIZE, caption_chars=(3, 20))
+    assert result.records[0].captions == ("fine",)
+    assert [(r.row, r.reason) for r in result.invalid] == [
+        ("annotations[0]", "caption has 30 characters; validate.caption_max_chars is 20")
+    ]
