@@ -20,6 +20,7 @@ bytes hash identically across machines. Shards are read in a streaming fashion w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -175,7 +176,12 @@ def read_manifest(corpus_dir: str | Path) -> dict[str, Any]:
     path = Path(corpus_dir) / "manifest.json"
     if not path.is_file():
         raise CorpusError(f"{path} not found: is {corpus_dir} a corpus folder written by prepare?")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorpusError(f"{path} is not valid JSON ({err}); rerun the prepare stage") from None
+    if not isinstance(manifest, dict):
+        raise CorpusError(f"{path} is not a corpus manifest (a JSON object); rerun prepare")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CorpusError(
             f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION};"
@@ -203,13 +209,32 @@ def iter_documents(
     """Stream document record batches shard by shard, optionally only one split."""
     read_columns = None if columns is None else list(dict.fromkeys([*columns, "split"]))
     for path in shard_paths(corpus_dir):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read_columns):
+        with _naming(path):
+            batches = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=read_columns)
+        while True:
+            with _naming(path):
+                batch = next(batches, None)
+            if batch is None:
+                break
             if split is not None:
                 batch = batch.filter(pc.equal(batch.column("split"), split))
             if columns is not None and "split" not in columns:
                 batch = batch.drop_columns(["split"])
             if batch.num_rows:
                 yield batch
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Reading a corrupted or truncated Parquet file (pyarrow: ``ArrowInvalid: Parquet magic
+    bytes not found``, ``OSError: ZSTD decompression failed``) is a CorpusError naming it."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        raise CorpusError(
+            f"{path} is corrupted or truncated ({type(err).__name__}: {err}); restore it "
+            "(dvc checkout) or rerun the prepare stage (dvc repro -f prepare)"
+        ) from None
 
 
 def read_documents(
@@ -233,11 +258,14 @@ def read_task_table(corpus_dir: str | Path, name: str) -> pa.Table:
     path = Path(corpus_dir) / "tasks" / f"{name}.parquet"
     if not path.is_file():
         raise CorpusError(f"task table {path} not found")
-    return pq.read_table(path)
+    with _naming(path):
+        return pq.read_table(path)
 
 
 def read_quarantine(corpus_dir: str | Path) -> pa.Table:
-    return pq.read_table(Path(corpus_dir) / "quarantine.parquet")
+    path = Path(corpus_dir) / "quarantine.parquet"
+    with _naming(path):
+        return pq.read_table(path)
 
 
 def decode_images(batch: pa.RecordBatch | pa.Table, column: str = "image") -> np.ndarray:

@@ -18,12 +18,16 @@ Used by pretraining and SFT alike; what differs between them is only which batch
   logs show where a run is.
 
 Checkpoints in ``checkpoint_dir`` are DeepSpeed's own (model + optimizer + scheduler state);
-the tracked artifact is the exported model folder written by the caller.
+the newest two are kept. A torn ``latest`` pointer or a half-written newest checkpoint (a kill
+during a save) makes the run resume from the next older readable one. The tracked artifact is
+the exported model folder written by the caller.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -97,9 +101,9 @@ def train(
     )
     checkpoint_dir = Path(checkpoint_dir)
     start, seen = 0, 0  # seen: weighted training targets so far, all ranks (compute spent)
-    if (checkpoint_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(checkpoint_dir))
-        start, seen = int(client_state["step"]), int(client_state.get("tokens_seen", 0))
+    resumed = _resume(engine, checkpoint_dir, rank, desc)
+    if resumed is not None:
+        start, seen = resumed
         _log(on_log, rank, start, {"resumed_from_step": float(start)})
         _say(rank, f"{desc}: resumed from step {start}/{config.steps} ({checkpoint_dir})")
     if start >= config.steps:  # finished before: report the final validation again
@@ -145,8 +149,68 @@ def train(
                 tag=f"step{done}",
                 client_state={"step": done, "tokens_seen": seen},
             )
+            _prune(checkpoint_dir, world, rank)
     progress.close()
     return engine.module
+
+
+KEEP_CHECKPOINTS = 2  # the newest and one before it, the fallback if the newest is torn
+# What loading a torn or truncated checkpoint raises (torch.load, DeepSpeed's own asserts).
+_TORN = (OSError, EOFError, RuntimeError, ValueError, KeyError, AssertionError, pickle.PickleError)
+
+
+def _tags(checkpoint_dir: Path) -> list[str]:
+    """Checkpoint tags to try, best first: the one ``latest`` names (when that file is whole and
+    its folder exists), then every ``step<N>`` folder, newest first."""
+    tags = _tags_by_step(checkpoint_dir)
+    latest = checkpoint_dir / "latest"
+    named = latest.read_text(encoding="utf-8", errors="replace").strip() if latest.is_file() else ""
+    if named in tags:
+        tags.remove(named)
+        tags.insert(0, named)
+    return tags
+
+
+def _resume(engine, checkpoint_dir: Path, rank: int, desc: str) -> tuple[int, int] | None:
+    """Load the newest readable checkpoint: ``(step, tokens seen)``, or None to start afresh.
+
+    DeepSpeed writes a tag's folder, then the ``latest`` pointer; a kill can leave the pointer
+    empty or torn, or the newest folder half-written. Either way the next older complete
+    checkpoint is loaded (with a line saying so) instead of failing on every rerun."""
+    for tag in _tags(checkpoint_dir):
+        try:
+            _, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+        except _TORN as err:
+            _say(
+                rank,
+                f"{desc}: checkpoint {checkpoint_dir / tag} is unreadable ({err}); "
+                "trying an older one",
+            )
+            continue
+        if client_state is None or "step" not in client_state:
+            _say(rank, f"{desc}: checkpoint {checkpoint_dir / tag} is incomplete; skipped")
+            continue
+        return int(client_state["step"]), int(client_state.get("tokens_seen", 0))
+    return None
+
+
+def _prune(checkpoint_dir: Path, world: int, rank: int) -> None:
+    """Keep only the newest :data:`KEEP_CHECKPOINTS` tags (a default run would otherwise keep
+    every one: 1.45 GB); rank 0 deletes once every rank has written."""
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
+    for tag in _tags_by_step(checkpoint_dir)[KEEP_CHECKPOINTS:]:
+        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+
+
+def _tags_by_step(checkpoint_dir: Path) -> list[str]:
+    return sorted(
+        (p.name for p in checkpoint_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+        key=lambda name: int(name[4:]),
+        reverse=True,
+    )
 
 
 def full_state_dict(model: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:

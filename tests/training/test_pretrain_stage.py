@@ -236,6 +236,27 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(inputs, tmp
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_torn_latest_pointer_and_half_written_checkpoint_fall_back_to_an_older_one(
+    inputs, tmp_path
+):
+    straight, torn = tmp_path / "straight", tmp_path / "torn"
+    for folder in (straight, torn):
+        folder.mkdir()
+        run(command(inputs, folder, params_file(folder)))  # 8 steps, a checkpoint every 2
+    scratch = next((torn / "scratch").iterdir())
+    assert sorted(p.name for p in scratch.glob("step*")) == ["step6", "step8"]  # pruned to 2
+    (scratch / "latest").write_text("")  # torn pointer
+    states = next((scratch / "step8").glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])  # half-written newest checkpoint
+    shutil.rmtree(torn / "model")
+    proc = run(command(inputs, torn, params_file(torn)))
+    assert "checkpoint" in proc.stderr and "step8 is unreadable" in proc.stderr
+    assert "pretrain: resumed from step 6/8" in proc.stderr
+    a, b = weights(straight), weights(torn)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_run_key_changes_with_params_inputs_and_code(inputs, tmp_path):
     base = PretrainConfig()
     folders = (inputs / "tokens", inputs / "retrieval")
