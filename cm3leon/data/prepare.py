@@ -61,11 +61,15 @@ def prepare_corpus(
             result = load_coco(
                 config.coco.annotations, config.coco.images, config.image_size, caption_chars
             )
+        if not result.records:  # nothing to write: every row's reason in the error, any policy
+            reasons = "".join(f"\n  {r}" for r in result.invalid)
+            raise ValueError(
+                f"data.source={config.source}: no valid documents to write "
+                f"({len(result.invalid)} invalid rows){reasons}"
+            )
         records, quarantine = apply_invalid_policy(result, config.on_invalid)
         if quarantine:
             log.warning("%d invalid rows set aside in the quarantine table", len(quarantine))
-        if not records:
-            raise ValueError(f"data.source={config.source}: no valid documents to write")
         tasks = None
     records = _with_splits(records, config, seed)
     return write_corpus(

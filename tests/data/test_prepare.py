@@ -3,8 +3,9 @@
 import hashlib
 
 import numpy as np
+import pytest
 
-from cm3leon.config import DataConfig, ShapeWorldConfig
+from cm3leon.config import DataConfig, ManifestConfig, ShapeWorldConfig
 from cm3leon.data.corpus import (
     decode_images,
     iter_documents,
@@ -70,3 +71,21 @@ def test_streaming_reads_one_split(tmp_path):
     batches = list(iter_documents(tmp_path / "corpus", ["id", "caption"], split="val"))
     assert all(b.schema.names == ["id", "caption"] for b in batches)
     assert sum(b.num_rows for b in batches) == read_manifest(tmp_path / "corpus")["splits"]["val"]
+
+
+def test_user_data_with_no_valid_row_names_every_reason(tmp_path):
+    """Under quarantine too: with nothing left to write, the error lists each row's reason
+    (nothing is set aside silently)."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,caption\nmissing.png,a cat\nother.png,\n", encoding="utf-8")
+    for policy in ("quarantine", "fail"):
+        config = DataConfig(
+            source="manifest", on_invalid=policy, manifest=ManifestConfig(path=str(manifest))
+        )
+        with pytest.raises(ValueError, match="no valid documents to write") as err:
+            prepare_corpus(config, 1, tmp_path / "corpus")
+        text = str(err.value)
+        assert "(2 invalid rows)" in text
+        assert "m.csv:1: missing.png: image file not found" in text
+        assert "m.csv:2: other.png: caption is empty" in text
+        assert not (tmp_path / "corpus").exists()
