@@ -42,13 +42,21 @@ def _flow(command: str, args: list[str]) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from cm3leon.lineage.lineage import LineageError, format_lineage, trace
+    from cm3leon.lineage.lineage import LineageError, format_lineage, to_dot, to_mermaid, trace
 
     try:
         record = trace(find_project(), Path(args.path).absolute())
     except LineageError as err:
         raise SystemExit(f"cm3leon lineage: error: {err}") from None
-    print(json.dumps(record, indent=2) if args.json else format_lineage(record))
+    kind = "json" if args.json else args.format
+    if kind == "json":
+        print(json.dumps(record, indent=2))
+    elif kind == "dot":
+        print(to_dot(record))
+    elif kind == "mermaid":
+        print(to_mermaid(record))
+    else:
+        print(format_lineage(record, all_params=args.all_params))
     return 0
 
 
@@ -62,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     add_commands(sub)
     lineage = sub.add_parser("lineage", help="where an artifact or generated sample came from")
     lineage.add_argument("path", help="any output of the pipeline, or an image the CLI wrote")
-    lineage.add_argument("--json", action="store_true", help="print the record as JSON")
+    lineage.add_argument(
+        "--format",
+        choices=("text", "json", "dot", "mermaid"),
+        default="text",
+        help="text (default): each upstream stage once; json: the whole record; dot/mermaid: "
+        "the stage graph",
+    )
+    lineage.add_argument("--json", action="store_true", help="same as --format json")
+    lineage.add_argument(
+        "--all-params", action="store_true", help="text: every param, not only changed ones"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command in FLOW_COMMANDS:
         return _flow(args.command, rest)

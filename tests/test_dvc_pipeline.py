@@ -43,7 +43,7 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     check_lineage(root)
     page = (root / "reports/index.html").read_text()
     assert '<table id="metrics">' in page and "<h2>Lineage of each model</h2>" in page
-    assert "by stage &#x27;sft&#x27;" in page  # the models' lineage is in the report
+    assert "stage &#x27;sft&#x27; -&gt; models/sft" in page  # the models' lineage is in the report
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
@@ -137,28 +137,39 @@ def check_model_commands(root):
 
 
 def check_lineage(root):
-    """`cm3leon lineage` on a generated sample: its retrieved documents, and a chain whose every
-    hash is the one dvc.lock records, down to the source data."""
+    """`cm3leon lineage` on a generated sample: its retrieved documents, and a graph of every
+    upstream stage, each once, whose every hash is the one dvc.lock records, down to the
+    source data; the text prints each stage once and stays short; dot and mermaid draw it."""
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     sample = "reports/eval/generations/pretrain/text_to_image/0000.png"
     record = json.loads(run([*CLI, "lineage", sample, "--json"], cwd=root).stdout)
     assert record["sample"]["retrieved"] and record["sample"]["source"].endswith("manifest.json")
     assert record["git"]["commit"] and "torch" in record["packages"]
-    node, stages = record["artifact"], []
-    while isinstance(node, dict):
-        stages.append(node["stage"])
-        entry = lock[node["stage"]]
+    stages = record["stages"]
+    assert next(iter(stages)) == "evaluate" and record["artifact"]["stage"] == "evaluate"
+    assert set(stages) == {s for s in lock if s != "report"}  # all of them, each once
+    for name, node in stages.items():
+        entry = lock[name]
         assert node["cmd"] == entry["cmd"]
-        assert {o["path"]: o["md5"] for o in entry["outs"]}[node["output"]] == node["output_md5"]
+        outs = {o["path"]: o["md5"] for o in entry["outs"]}
+        assert all(outs[o["path"]] == o["md5"] for o in node["outputs"])
         deps = {d["path"]: d["md5"] for d in entry["deps"]}
         for item in node["code"] + node["inputs"]:
             assert deps[item["path"]] == item["md5"]
         assert len(node["code"]) + len(node["inputs"]) == len(deps)
-        data = [i for i in node["inputs"] if isinstance(i.get("produced_by"), dict)]
-        node = data[0]["produced_by"] if data else None
-    assert stages[0] == "evaluate" and stages[-1] == "prepare"
+        for item in node["inputs"]:  # each input names its producer, which is in the graph
+            assert item["stage"] is None or item["stage"] in stages
+    assert [i["stage"] for i in stages["prepare"]["inputs"]] == [None]  # source data
+    text = run([*CLI, "lineage", sample], cwd=root).stdout
+    headers = [line for line in text.splitlines() if line.startswith("  stage '")]
+    assert len(headers) == len(stages) == len({h.split("'")[1] for h in headers})
+    assert len(text.splitlines()) < 150, len(text.splitlines())
+    dot = run([*CLI, "lineage", sample, "--format", "dot"], cwd=root).stdout
+    assert dot.startswith("digraph") and '"prepare" -> "validate" [label="data/corpus"]' in dot
+    mermaid = run([*CLI, "lineage", sample, "--format", "mermaid"], cwd=root).stdout
+    assert mermaid.startswith("flowchart LR") and "pretrain -->|models/pretrain| sft" in mermaid
     text = run([*CLI, "lineage", "generated.png"], cwd=root).stdout
-    assert "retrieved memory-bank documents: 2" in text and "by stage 'sft'" in text
+    assert "retrieved memory-bank documents: 2" in text and "stage 'sft' -> models/sft" in text
     # a changed param shows up in the lineage after the rerun
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["grid_examples"] = 2
@@ -166,6 +177,8 @@ def check_lineage(root):
     dvc("repro", cwd=root)
     record = json.loads(run([*CLI, "lineage", sample, "--json"], cwd=root).stdout)
     assert record["artifact"]["params"]["evaluate.grid_examples"] == 2
+    assert record["artifact"]["params_changed"]["evaluate.grid_examples"] == 2
+    assert "evaluate.grid_examples = 2" in run([*CLI, "lineage", sample], cwd=root).stdout
     failed = run([*CLI, "lineage", "README.md"], cwd=root, check=False)
     assert failed.returncode != 0 and "not an output of any stage" in failed.stderr
 

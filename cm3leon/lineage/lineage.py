@@ -2,10 +2,13 @@
 
 DESIGN.md §11. ``dvc.lock`` records, for every stage run, its command, the params it read with
 their values, and the hash of every dependency and output. :func:`trace` joins those records
-into a chain for any artifact path: the stage whose output holds the path, its command and
-params, and each input — code with its hash, data with the chain of the stage that produced
-it, recursively, down to source data no stage produces. Each stage in the chain names the
-Prefect flow run that produced its output (with its state and the data stages' shard runner)
+into a graph for any artifact path: the stage whose output holds the path, then every stage
+upstream of it **once** (breadth-first, nearest first), each with its command, params (and
+which of them differ from the defaults in ``cm3leon.config``), code with hashes, and inputs
+that name the stage that produced them (``None`` for source data no stage produces); a stage
+shared by several paths (``prepare`` under every model) is a node once, referenced by name.
+Each stage names the Prefect flow run that produced its output (with its state and the data
+stages' shard runner)
 when the flow's record (``.lineage/prefect_runs.jsonl``) holds the output hash that
 ``dvc.lock`` holds; identical bytes made by several runs name the latest. The record adds
 the git commit (and whether the working tree was dirty), the versions of the packages that
@@ -18,6 +21,7 @@ This module reads files (``dvc.lock`` is YAML) and asks ``git``; it never import
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from importlib import metadata
@@ -61,15 +65,16 @@ def trace(project: str | Path, path: str | Path) -> dict[str, Any]:
         relative, target = str(file), sample["model_folder"]  # a CLI output may live anywhere
     else:
         relative = target = _relative(project, file)
-    chain = _chain(lock, target, set(), prefect_runs(project))
-    if chain is None:
+    stages = _graph(lock, target, prefect_runs(project))
+    if not stages:
         raise LineageError(
             f"{relative} is not an output of any stage in dvc.lock (outputs: "
             f"{sorted(o['path'] for r in lock.values() for o in r.get('outs', []))})"
         )
     record = {
         "path": relative,
-        "artifact": chain,
+        "artifact": next(iter(stages.values())),
+        "stages": stages,
         "git": git_state(project),
         "packages": package_versions(),
     }
@@ -98,33 +103,66 @@ def _producing_run(runs: list[dict], stage: str, output: str, md5: str | None) -
     return None
 
 
-def _chain(lock: dict, path: str, seen: set[str], runs: list[dict]) -> dict[str, Any] | None:
-    found = find_producer(lock, path)
-    if found is None:
-        return None
-    stage, out = found
-    record = lock[stage]
-    node: dict[str, Any] = {
-        "path": path,
-        "stage": stage,
-        "output": out["path"],
-        "output_md5": out.get("md5"),
-        "cmd": record.get("cmd"),
-        "params": _flatten_params(record.get("params", {})),
-        "prefect_run": _producing_run(runs, stage, out["path"], out.get("md5")),
-        "code": [],
-        "inputs": [],
-    }
-    for dep in record.get("deps", []):
-        entry = {"path": dep["path"], "md5": dep.get("md5")}
-        if dep["path"].startswith(CODE_PREFIXES):
-            node["code"].append(entry)
+def _graph(lock: dict, path: str, runs: list[dict]) -> dict[str, dict[str, Any]]:
+    """Every stage ``path`` depends on, once: ``{stage: node}``, its producer first, then
+    breadth-first upstream. Each input names the stage that produced it (``stage``)."""
+    stages: dict[str, dict[str, Any]] = {}
+    queue = [path]
+    while queue:
+        wanted = queue.pop(0)
+        found = find_producer(lock, wanted)
+        if found is None:
             continue
-        if dep["path"] not in seen:
-            upstream = _chain(lock, dep["path"], seen | {dep["path"]}, runs)
-            entry["produced_by"] = upstream if upstream is not None else "source data"
-        node["inputs"].append(entry)
-    return node
+        stage, out = found
+        if stage in stages:
+            if out["path"] not in [o["path"] for o in stages[stage]["outputs"]]:
+                stages[stage]["outputs"].append({"path": out["path"], "md5": out.get("md5")})
+            continue
+        record = lock[stage]
+        params = _flatten_params(record.get("params", {}))
+        node: dict[str, Any] = {
+            "stage": stage,
+            "path": wanted,
+            "output": out["path"],
+            "output_md5": out.get("md5"),
+            "outputs": [{"path": out["path"], "md5": out.get("md5")}],
+            "cmd": record.get("cmd"),
+            "params": params,
+            "params_changed": _changed_from_defaults(params),
+            "prefect_run": _producing_run(runs, stage, out["path"], out.get("md5")),
+            "code": [],
+            "inputs": [],
+        }
+        for dep in record.get("deps", []):
+            entry = {"path": dep["path"], "md5": dep.get("md5")}
+            if dep["path"].startswith(CODE_PREFIXES):
+                node["code"].append(entry)
+                continue
+            producer = find_producer(lock, dep["path"])
+            entry["stage"] = producer[0] if producer is not None else None
+            node["inputs"].append(entry)
+            if producer is not None:
+                queue.append(dep["path"])
+        stages[stage] = node
+    return stages
+
+
+def _changed_from_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    """The params whose value differs from the default of ``cm3leon.config.Params`` (a key with
+    no default, e.g. a user section, counts as changed)."""
+    from dataclasses import asdict
+
+    from cm3leon.config import Params
+
+    defaults = _flatten_params({"defaults": asdict(Params())})
+    return {k: v for k, v in params.items() if k not in defaults or _norm(defaults[k]) != _norm(v)}
+
+
+def _norm(value: Any) -> Any:
+    """Tuples (dataclass defaults) and lists (YAML) compare equal."""
+    if isinstance(value, (list, tuple)):
+        return [_norm(v) for v in value]
+    return value
 
 
 def _flatten_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +232,9 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def format_lineage(record: dict[str, Any]) -> str:
-    """A readable, indented chain (the ``cm3leon lineage`` default output)."""
+def format_lineage(record: dict[str, Any], all_params: bool = False) -> str:
+    """The ``cm3leon lineage`` text: the sample's provenance, then each upstream stage once
+    with the params that differ from the defaults (``all_params``: every param it reads)."""
     lines = [f"{record['path']}"]
     sample = record.get("sample")
     if sample is not None:
@@ -210,31 +249,63 @@ def format_lineage(record: dict[str, Any]) -> str:
     git = record["git"]
     lines.append(f"  git commit {git['commit']}{' (dirty)' if git['dirty'] else ''}")
     lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in record["packages"].items()))
-    _format_node(record["artifact"], lines, 1)
+    stages = record["stages"]
+    lines.append(
+        f"  {len(stages)} stages, each once (an input names the stage that made it; "
+        "--json has every hash):"
+    )
+    for node in stages.values():
+        _format_node(node, lines, all_params)
     return "\n".join(lines)
 
 
-def _format_node(node: dict[str, Any], lines: list[str], depth: int) -> None:
-    pad = "  " * depth
-    lines.append(f"{pad}<- {node['output']} [{node['output_md5']}] by stage '{node['stage']}'")
-    lines.append(f"{pad}   cmd: {node['cmd']}")
+def _format_node(node: dict[str, Any], lines: list[str], all_params: bool) -> None:
+    outputs = ", ".join(f"{o['path']} [{o['md5']}]" for o in node["outputs"])
+    lines.append(f"  stage '{node['stage']}' -> {outputs}")
+    lines.append(f"    cmd: {node['cmd']}")
     run = node.get("prefect_run")
     if run:
         lines.append(
-            f"{pad}   prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
+            f"    prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
             f"task run {run['task_run_id']}: {run['state']} at {run['finished']}"
             + (f", shard runner {run['shard_runner']}" if run.get("shard_runner") else "")
         )
     else:
-        lines.append(f"{pad}   prefect: no flow run left this output (run with plain dvc repro)")
-    for key, value in node["params"].items():
-        lines.append(f"{pad}   param {key} = {json.dumps(value)}")
-    for code in node["code"]:
-        lines.append(f"{pad}   code {code['path']} [{code['md5']}]")
+        lines.append("    prefect: no flow run left this output (run with plain dvc repro)")
+    shown = node["params"] if all_params else node["params_changed"]
+    what = "params" if all_params else "params differing from the defaults"
+    lines.append(f"    {what} ({len(shown)} of {len(node['params'])}):")
+    lines.extend(f"      {key} = {json.dumps(value)}" for key, value in shown.items())
+    digest = hashlib.sha256("".join(sorted(str(c["md5"]) for c in node["code"])).encode())
+    lines.append(f"    code: {len(node['code'])} files, digest {digest.hexdigest()[:12]}")
     for entry in node["inputs"]:
-        lines.append(f"{pad}   input {entry['path']} [{entry['md5']}]")
-        upstream = entry.get("produced_by")
-        if isinstance(upstream, dict):
-            _format_node(upstream, lines, depth + 2)
-        elif upstream:
-            lines.append(f"{pad}     ({upstream})")
+        source = f"stage '{entry['stage']}'" if entry["stage"] else "source data"
+        lines.append(f"    input {entry['path']} [{entry['md5']}] <- {source}")
+
+
+def to_dot(record: dict[str, Any]) -> str:
+    """The lineage graph in Graphviz DOT: a node per stage (name, output hashes), an edge per
+    data input labelled with its path."""
+    out = ["digraph lineage {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
+    for name, node in record["stages"].items():
+        label = "\\n".join([name, *(f"{o['path']} {str(o['md5'])[:8]}" for o in node["outputs"])])
+        out.append(f'  "{name}" [label="{label}"];')
+    for name, node in record["stages"].items():
+        for entry in node["inputs"]:
+            if entry["stage"]:
+                out.append(f'  "{entry["stage"]}" -> "{name}" [label="{entry["path"]}"];')
+    out.append("}")
+    return "\n".join(out)
+
+
+def to_mermaid(record: dict[str, Any]) -> str:
+    """The lineage graph as a Mermaid flowchart (renders in GitHub Markdown)."""
+    out = ["flowchart LR"]
+    for name, node in record["stages"].items():
+        hashes = "<br/>".join(f"{o['path']} {str(o['md5'])[:8]}" for o in node["outputs"])
+        out.append(f'  {name}["{name}<br/>{hashes}"]')
+    for name, node in record["stages"].items():
+        for entry in node["inputs"]:
+            if entry["stage"]:
+                out.append(f"  {entry['stage']} -->|{entry['path']}| {name}")
+    return "\n".join(out)
