@@ -42,21 +42,32 @@ def _flow(command: str, args: list[str]) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from cm3leon.lineage.lineage import LineageError, format_lineage, to_dot, to_mermaid, trace
+    from cm3leon.lineage import lineage as lin
 
-    try:
-        record = trace(find_project(), Path(args.path).absolute())
-    except LineageError as err:
-        raise SystemExit(f"cm3leon lineage: error: {err}") from None
     kind = "json" if args.json else args.format
+    if args.path == "diff":  # cm3leon lineage diff A [B]
+        if not 1 <= len(args.revs) <= 2:
+            raise SystemExit("cm3leon lineage: error: diff takes one or two revisions (A [B])")
+        try:
+            diff = lin.lineage_diff(find_project(), *args.revs)
+        except lin.LineageError as err:
+            raise SystemExit(f"cm3leon lineage: error: {err}") from None
+        print(json.dumps(diff, indent=2) if kind == "json" else lin.format_diff(diff))
+        return 0
+    if args.revs:
+        raise SystemExit(f"cm3leon lineage: error: unexpected arguments {args.revs}")
+    try:
+        record = lin.trace(find_project(), Path(args.path).absolute())
+    except lin.LineageError as err:
+        raise SystemExit(f"cm3leon lineage: error: {err}") from None
     if kind == "json":
         print(json.dumps(record, indent=2))
     elif kind == "dot":
-        print(to_dot(record))
+        print(lin.to_dot(record))
     elif kind == "mermaid":
-        print(to_mermaid(record))
+        print(lin.to_mermaid(record))
     else:
-        print(format_lineage(record, all_params=args.all_params))
+        print(lin.format_lineage(record, all_params=args.all_params))
     return 0
 
 
@@ -69,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text, add_help=False)
     add_commands(sub)
     lineage = sub.add_parser("lineage", help="where an artifact or generated sample came from")
-    lineage.add_argument("path", help="any output of the pipeline, or an image the CLI wrote")
+    lineage.add_argument(
+        "path",
+        help="any output of the pipeline, or an image the CLI wrote; or `diff A [B]`: what "
+        "differs between the runs at git revisions / dvc exp names A and B (default: workspace)",
+    )
+    lineage.add_argument("revs", nargs="*", help=argparse.SUPPRESS)
     lineage.add_argument(
         "--format",
         choices=("text", "json", "dot", "mermaid"),

@@ -4,7 +4,6 @@ corpus hashes in dvc.lock, and a corrupted corpus fails `validate` and stops the
 import csv
 import json
 import sys
-import time
 
 import yaml
 from PIL import Image
@@ -47,12 +46,9 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0
-    start = time.perf_counter()
     second = dvc("repro", cwd=root)
-    elapsed = time.perf_counter() - start
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout
-    assert elapsed < 30  # generous bound for a loaded CI machine; the README quotes measured time
 
 
 def check_evaluate_outputs(root):
@@ -170,11 +166,20 @@ def check_lineage(root):
     assert mermaid.startswith("flowchart LR") and "pretrain -->|models/pretrain| sft" in mermaid
     text = run([*CLI, "lineage", "generated.png"], cwd=root).stdout
     assert "retrieved memory-bank documents: 2" in text and "stage 'sft' -> models/sft" in text
-    # a changed param shows up in the lineage after the rerun
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["evaluate"]["grid_examples"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    dvc("repro", cwd=root)
+    # a `dvc exp` with one changed param: `lineage diff` names exactly that param and the
+    # stages it reran, and the lineage shows the new value
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "add", "-A"], cwd=root)
+    run(["git", *identity, "commit", "-qm", "first run"], cwd=root)
+    dvc("exp", "run", "-S", "evaluate.grid_examples=2", "--name", "grid2", cwd=root)
+    diff = json.loads(run([*CLI, "lineage", "diff", "HEAD", "grid2", "--json"], cwd=root).stdout)
+    changed = {"evaluate.grid_examples": {"a": 3, "b": 2, "stages": ["evaluate"]}}
+    assert diff["params"] == changed, diff["params"]
+    assert set(diff["stages"]) == {"evaluate", "report"}, diff["stages"]
+    assert diff["stages"]["evaluate"]["params"] == ["evaluate.grid_examples"]
+    text = run([*CLI, "lineage", "diff", "HEAD", "grid2"], cwd=root).stdout
+    assert "evaluate.grid_examples: 3 -> 2  (read by evaluate)" in text
+    assert "stages whose run differs (2): evaluate, report" in text
     record = json.loads(run([*CLI, "lineage", sample, "--json"], cwd=root).stdout)
     assert record["artifact"]["params"]["evaluate.grid_examples"] == 2
     assert record["artifact"]["params_changed"]["evaluate.grid_examples"] == 2

@@ -309,3 +309,151 @@ def to_mermaid(record: dict[str, Any]) -> str:
             if entry["stage"]:
                 out.append(f"  {entry['stage']} -->|{entry['path']}| {name}")
     return "\n".join(out)
+
+
+# --- what differs between two runs ----------------------------------------------------------
+
+
+def resolve_revision(project: Path, rev: str) -> str:
+    """A git revision or a ``dvc exp`` name (``refs/exps/.../<name>``) -> its commit sha."""
+    done = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0:
+        return done.stdout.strip()
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    found = [line.split()[0] for line in refs if line.endswith(f"/{rev}")]
+    if len(found) != 1:
+        raise LineageError(
+            f"{rev!r} is neither a git revision nor a dvc experiment name "
+            f"({len(found)} experiments match)"
+        )
+    return found[0]
+
+
+def _lock_at(project: Path, rev: str | None) -> dict[str, dict[str, Any]]:
+    if rev is None:
+        return read_lock(project)
+    done = subprocess.run(
+        ["git", "show", f"{rev}:dvc.lock"], cwd=project, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise LineageError(f"revision {rev} has no dvc.lock: {done.stderr.strip()}")
+    return yaml.safe_load(done.stdout).get("stages", {})
+
+
+def lineage_diff(project: str | Path, a: str, b: str | None = None) -> dict[str, Any]:
+    """What differs between the runs recorded at revisions ``a`` and ``b`` (git revisions or
+    ``dvc exp`` names; ``b`` None: the workspace): the params (with the stages that read
+    them), the stages whose recorded run differs and why (params, code, data inputs,
+    outputs), and the metrics, from ``dvc metrics diff``."""
+    project = Path(project).resolve()
+    rev_a = resolve_revision(project, a)
+    rev_b = None if b is None else resolve_revision(project, b)
+    lock_a, lock_b = _lock_at(project, rev_a), _lock_at(project, rev_b)
+    params: dict[str, dict[str, Any]] = {}
+    stages: dict[str, dict[str, list[str]]] = {}
+    for stage in sorted(set(lock_a) | set(lock_b), key=_stage_order(lock_a, lock_b)):
+        old, new = lock_a.get(stage, {}), lock_b.get(stage, {})
+        if not old or not new:
+            stages[stage] = {"only_in": ["a" if old else "b"]}
+            continue
+        p_old = _flatten_params(old.get("params", {}))
+        p_new = _flatten_params(new.get("params", {}))
+        changed_params = sorted(k for k in set(p_old) | set(p_new) if p_old.get(k) != p_new.get(k))
+        for key in changed_params:
+            entry = params.setdefault(key, {"a": p_old.get(key), "b": p_new.get(key), "stages": []})
+            entry["stages"].append(stage)
+        deps_old = {d["path"]: d.get("md5") for d in old.get("deps", [])}
+        deps_new = {d["path"]: d.get("md5") for d in new.get("deps", [])}
+        changed_deps = sorted(
+            p for p in set(deps_old) | set(deps_new) if deps_old.get(p) != deps_new.get(p)
+        )
+        outs_old = {o["path"]: o.get("md5") for o in old.get("outs", [])}
+        outs_new = {o["path"]: o.get("md5") for o in new.get("outs", [])}
+        why = {
+            "params": changed_params,
+            "code": [p for p in changed_deps if p.startswith(CODE_PREFIXES)],
+            "inputs": [p for p in changed_deps if not p.startswith(CODE_PREFIXES)],
+            "outputs": sorted(
+                p for p in set(outs_old) | set(outs_new) if outs_old.get(p) != outs_new.get(p)
+            ),
+            "cmd": ["changed"] if old.get("cmd") != new.get("cmd") else [],
+        }
+        if any(why.values()):
+            stages[stage] = {k: v for k, v in why.items() if v}
+    return {
+        "a": {"rev": a, "commit": rev_a},
+        "b": {"rev": b or "workspace", "commit": rev_b},
+        "params": params,
+        "stages": stages,
+        "metrics": _metrics_diff(project, rev_a, rev_b),
+    }
+
+
+def _stage_order(*locks: dict[str, Any]):
+    order = {name: i for lock in reversed(locks) for i, name in enumerate(lock)}
+    return lambda name: order.get(name, len(order))
+
+
+def _metrics_diff(project: Path, a: str, b: str | None) -> dict[str, Any]:
+    """``dvc metrics diff --json`` between the two revisions (``{}`` when DVC is absent)."""
+    import shutil
+    import sys
+
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    done = subprocess.run(
+        [dvc, "metrics", "diff", a, *([b] if b else []), "--json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        return {}
+    return json.loads(done.stdout)
+
+
+METRICS_SHOWN = 30  # text output; --format json has every changed metric
+
+
+def _short_commit(commit: str | None) -> str:
+    return commit[:10] if commit else "workspace"
+
+
+def format_diff(diff: dict[str, Any]) -> str:
+    """The ``cm3leon lineage diff`` text."""
+    a, b = diff["a"], diff["b"]
+    lines = [
+        f"lineage diff {a['rev']} ({_short_commit(a['commit'])}) .. "
+        f"{b['rev']} ({_short_commit(b['commit'])})"
+    ]
+    lines.append(f"params that differ ({len(diff['params'])}):")
+    for key, entry in diff["params"].items():
+        lines.append(
+            f"  {key}: {json.dumps(entry['a'])} -> {json.dumps(entry['b'])}"
+            f"  (read by {', '.join(entry['stages'])})"
+        )
+    lines.append(f"stages whose run differs ({len(diff['stages'])}): {', '.join(diff['stages'])}")
+    for stage, why in diff["stages"].items():
+        parts = [f"{kind} {', '.join(items)}" for kind, items in why.items()]
+        lines.append(f"  {stage}: " + "; ".join(parts))
+    changed = sorted(
+        (file, key, change)
+        for file, values in diff["metrics"].items()
+        for key, change in values.items()
+        if change.get("old") != change.get("new")
+    )
+    lines.append(f"metrics that differ ({len(changed)}, from dvc metrics diff):")
+    for file, key, change in changed[:METRICS_SHOWN]:
+        lines.append(f"  {file}: {key} {change.get('old')} -> {change.get('new')}")
+    if len(changed) > METRICS_SHOWN:
+        lines.append(f"  ... {len(changed) - METRICS_SHOWN} more (--format json lists all)")
+    return "\n".join(lines)
