@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
-from cm3leon.lineage.lineage import format_lineage, to_dot, to_mermaid, trace
+from cm3leon.lineage.lineage import (
+    LineageError,
+    format_diff,
+    format_lineage,
+    lineage_diff,
+    to_dot,
+    to_mermaid,
+    trace,
+)
 
 
 def _stage(cmd, deps, outs, params=None):
@@ -80,3 +90,29 @@ def test_dot_and_mermaid_draw_each_edge_once(tmp_path: Path) -> None:
     mermaid = to_mermaid(record).splitlines()
     assert mermaid[0] == "flowchart LR" and "  prepare -->|data/corpus| index" in mermaid
     assert sum("-->" in line for line in mermaid) == 5
+
+
+def test_diff_names_the_changed_param_and_the_stages_it_reran(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        ident = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+        subprocess.run(["git", *ident, *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    diamond(tmp_path)
+    git("add", "-A")
+    git("commit", "-qm", "a")
+    lock = yaml.safe_load((tmp_path / "dvc.lock").read_text())
+    pretrain = lock["stages"]["pretrain"]
+    pretrain["params"]["params.yaml"]["base.seed"] = 8
+    pretrain["outs"][0]["md5"] = "md5-other"
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    git("commit", "-qam", "b")
+    diff = lineage_diff(tmp_path, "HEAD~1", "HEAD")
+    assert diff["params"] == {"base.seed": {"a": 7, "b": 8, "stages": ["pretrain"]}}
+    assert diff["stages"] == {"pretrain": {"params": ["base.seed"], "outputs": ["models/pretrain"]}}
+    assert lineage_diff(tmp_path, "HEAD")["stages"] == {}  # HEAD vs the workspace: no change
+    text = format_diff(diff)
+    assert "base.seed: 7 -> 8  (read by pretrain)" in text
+    assert "stages whose run differs (1): pretrain" in text
+    with pytest.raises(LineageError, match="neither a git revision nor a dvc experiment"):
+        lineage_diff(tmp_path, "no-such-rev")
