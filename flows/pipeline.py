@@ -236,6 +236,25 @@ def run_stage(
     return rows
 
 
+@task(name="dvc-push", task_run_name="dvc push")
+def push_outputs(project: str) -> str:
+    """``dvc push``: every output of this run (and the cache's other versions DVC tracks) to
+    the project's default DVC remote, so another clone or worker can ``dvc pull`` them."""
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", "push"]
+    logger.info("running %s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=project, capture_output=True, text=True, check=False)
+    output = (proc.stdout + proc.stderr).strip()
+    for line in output.splitlines():
+        logger.info("push | %s", line)
+    if proc.returncode != 0:
+        raise StageFailed(
+            f"dvc push failed (exit {proc.returncode}); is a default remote configured "
+            f"(dvc remote add -d <name> <url>)?\n{output[-OUTPUT_TAIL_CHARS:]}"
+        )
+    return output
+
+
 @flow(name="cm3leon-pipeline", log_prints=True)
 def pipeline(
     project: str = ".",
@@ -246,11 +265,14 @@ def pipeline(
     shard_workers: int | None = None,
     shard_address: str | None = None,
     batches_per_shard: int | None = None,
+    push: bool = False,
 ) -> dict[str, list[dict]]:
     """Run the DVC DAG (or the named stages, in DAG order) with per-stage retries.
 
     The ``shard_*`` options pick where the data stages encode/embed their shards
     (``flows/shards.py``); an unset one keeps its ``CM3LEON_SHARD_*`` variable or default.
+    ``push``: after every stage succeeded, ``dvc push`` the outputs to the default remote
+    (a failed stage stops the flow first, so a failed run pushes nothing).
     """
     root = Path(project).resolve()
     settings = load_params(root / "params.yaml").flow
@@ -284,6 +306,8 @@ def pipeline(
         results[stage["name"]] = stage_task(
             stage["name"], stage["metrics"], str(root), force, openlineage_file, env
         )
+    if push:
+        push_outputs(str(root))
     return results
 
 
@@ -304,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--shard-workers", type=int, help="workers of a local cluster / pool")
     run.add_argument("--shard-address", help="an existing Dask scheduler or Ray cluster")
     run.add_argument("--batches-per-shard", type=int, help="shard size in batches (default 4)")
+    run.add_argument(
+        "--push",
+        action="store_true",
+        help="dvc push every output to the default DVC remote after a successful run",
+    )
     schedule = sub.add_parser("schedule", help="serve the flow on a cron schedule")
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
@@ -322,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_workers=args.shard_workers,
             shard_address=args.shard_address,
             batches_per_shard=args.batches_per_shard,
+            push=args.push,
             return_state=True,
         )
         return 0 if state.is_completed() else 1

@@ -55,13 +55,16 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
     assert stages[1]["metrics"] == ["reports/validation/metrics.json"]
 
 
-def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
+def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module, tmp_path):
     root = make_project()
+    remote = tmp_path / "team-remote"  # a local-folder DVC remote stands for the team's
+    dvc("remote", "add", "-d", "team", str(remote), cwd=root)
     events_file = root / "openlineage.jsonl"
     state = flow_module.pipeline(
-        project=str(root), openlineage_file=str(events_file), return_state=True
+        project=str(root), openlineage_file=str(events_file), push=True, return_state=True
     )
     assert state.is_completed()
+    check_a_second_clone_pulls_instead_of_retraining(root, tmp_path / "clone")
     results = state.result()
     assert list(results) == ALL_STAGES
     metrics = {row["metric"]: row["value"] for row in results["validate"]}
@@ -94,6 +97,21 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module):
     # the report is linked as a Prefect artifact
     (link,) = read_artifacts("report-html")
     assert link.type == "markdown" and (root / "reports/index.html").as_uri() in link.data
+
+
+def check_a_second_clone_pulls_instead_of_retraining(root: Path, clone: Path) -> None:
+    """The run pushed every output: a fresh clone `dvc pull`s them, and `dvc repro` there is
+    a no-op with the same hashes."""
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    for cmd in (["add", "-A"], [*identity, "commit", "-qm", "pipeline run"]):
+        subprocess.run(["git", *cmd], cwd=root, check=True, capture_output=True)
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    assert not (clone / "models" / "sft").exists()
+    dvc("pull", cwd=clone)
+    assert (clone / "models/sft/model.safetensors").is_file()
+    repro = dvc("repro", cwd=clone)
+    assert "Running stage" not in repro.stdout and "up to date" in repro.stdout
+    assert (clone / "dvc.lock").read_text() == (root / "dvc.lock").read_text()
 
 
 def read_artifacts(key: str) -> list:
@@ -190,16 +208,19 @@ def test_flow_rejects_unknown_stage_names(make_project, flow_module):
         state.result()
 
 
-def test_failing_validate_fails_the_flow_and_stops_the_dag(make_project, flow_module):
+def test_failing_validate_fails_the_flow_and_stops_the_dag(make_project, flow_module, tmp_path):
     root = make_project()
     add_downstream_stage(root)
+    remote = tmp_path / "team-remote"
+    dvc("remote", "add", "-d", "team", str(remote), cwd=root)
     dvc("repro", "prepare", cwd=root)
     corrupt_corpus(root)
     events_file = root / "events.jsonl"
     state = flow_module.pipeline(
-        project=str(root), openlineage_file=str(events_file), return_state=True
+        project=str(root), openlineage_file=str(events_file), push=True, return_state=True
     )
     assert state.is_failed()
+    assert not remote.exists() or not any(remote.rglob("*"))  # a failed run pushes nothing
     kinds = [(e["job"]["name"], e["eventType"]) for e in map(json.loads, events_file.open())]
     assert ("validate", "FAIL") in kinds and ("tokenize", "START") not in kinds
     runs = [json.loads(line) for line in (root / ".lineage/prefect_runs.jsonl").open()]
