@@ -156,10 +156,12 @@ def check_lineage(root):
         for item in node["inputs"]:  # each input names its producer, which is in the graph
             assert item["stage"] is None or item["stage"] in stages
     assert [i["stage"] for i in stages["prepare"]["inputs"]] == [None]  # source data
+    assert stages["pretrain"]["environment"]["device"] == "cpu"  # from models/pretrain
     text = run([*CLI, "lineage", sample], cwd=root).stdout
     headers = [line for line in text.splitlines() if line.startswith("  stage '")]
     assert len(headers) == len(stages) == len({h.split("'")[1] for h in headers})
     assert len(text.splitlines()) < 150, len(text.splitlines())
+    assert text.count("    trained on ") == 3  # pretrain, sft, pretrain_no_retrieval
     dot = run([*CLI, "lineage", sample, "--format", "dot"], cwd=root).stdout
     assert dot.startswith("digraph") and '"prepare" -> "validate" [label="data/corpus"]' in dot
     mermaid = run([*CLI, "lineage", sample, "--format", "mermaid"], cwd=root).stdout

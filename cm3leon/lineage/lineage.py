@@ -65,7 +65,7 @@ def trace(project: str | Path, path: str | Path) -> dict[str, Any]:
         relative, target = str(file), sample["model_folder"]  # a CLI output may live anywhere
     else:
         relative = target = _relative(project, file)
-    stages = _graph(lock, target, prefect_runs(project))
+    stages = _graph(lock, target, prefect_runs(project), project)
     if not stages:
         raise LineageError(
             f"{relative} is not an output of any stage in dvc.lock (outputs: "
@@ -103,7 +103,9 @@ def _producing_run(runs: list[dict], stage: str, output: str, md5: str | None) -
     return None
 
 
-def _graph(lock: dict, path: str, runs: list[dict]) -> dict[str, dict[str, Any]]:
+def _graph(
+    lock: dict, path: str, runs: list[dict], project: Path | None = None
+) -> dict[str, dict[str, Any]]:
     """Every stage ``path`` depends on, once: ``{stage: node}``, its producer first, then
     breadth-first upstream. Each input names the stage that produced it (``stage``)."""
     stages: dict[str, dict[str, Any]] = {}
@@ -133,6 +135,9 @@ def _graph(lock: dict, path: str, runs: list[dict]) -> dict[str, dict[str, Any]]
             "code": [],
             "inputs": [],
         }
+        environment = _recorded_environment(project, out["path"])
+        if environment is not None:
+            node["environment"] = environment
         for dep in record.get("deps", []):
             entry = {"path": dep["path"], "md5": dep.get("md5")}
             if dep["path"].startswith(CODE_PREFIXES):
@@ -145,6 +150,17 @@ def _graph(lock: dict, path: str, runs: list[dict]) -> dict[str, dict[str, Any]]
                 queue.append(dep["path"])
         stages[stage] = node
     return stages
+
+
+def _recorded_environment(project: Path | None, output: str) -> dict[str, Any] | None:
+    """The numeric environment a trained model folder records (``config.json``)."""
+    config = None if project is None else project / output / "config.json"
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("environment")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
 
 
 def _changed_from_defaults(params: dict[str, Any]) -> dict[str, Any]:
@@ -272,6 +288,14 @@ def _format_node(node: dict[str, Any], lines: list[str], all_params: bool) -> No
         )
     else:
         lines.append("    prefect: no flow run left this output (run with plain dvc repro)")
+    env = node.get("environment")
+    if env:
+        lines.append(
+            f"    trained on {env.get('cpu')} ({env.get('cpu_capability')}), torch "
+            f"{env.get('torch')}, {env.get('blas')}, {env.get('threads')} threads x "
+            f"{env.get('processes')} processes, {env.get('device')} {env.get('precision')}"
+            + (f", {env['gpu']}" if env.get("gpu") else "")
+        )
     shown = node["params"] if all_params else node["params_changed"]
     what = "params" if all_params else "params differing from the defaults"
     lines.append(f"    {what} ({len(shown)} of {len(node['params'])}):")

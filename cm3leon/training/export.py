@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -17,6 +18,7 @@ from cm3leon.model.io import export_model
 from cm3leon.model.transformer import TransformerShape
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import Process
+from cm3leon.training.environment import numeric_environment
 from cm3leon.training.loop import full_state_dict
 
 
@@ -29,9 +31,12 @@ def export_trained(
     meta: dict[str, Any],
     process: Process,
 ) -> None:
-    """Write ``model`` (as trained under ``zero_stage``) to ``out_dir``. Call on every rank."""
+    """Write ``model`` (as trained under ``zero_stage``) to ``out_dir``. Call on every rank.
+    ``config.json`` also records the run's numeric environment (``environment``)."""
     state = full_state_dict(model, zero_stage)
     if process.rank == 0:
-        export_model(state, shape, vocab, out_dir, meta)
+        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        environment = numeric_environment(process.device, process.world, bf16)
+        export_model(state, shape, vocab, out_dir, {**meta, "environment": environment})
     if process.world > 1:
         dist.barrier()

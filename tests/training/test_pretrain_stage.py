@@ -151,6 +151,10 @@ def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
     assert "\r" not in proc.stderr.replace("\r\n", "\n")  # no bar redraws in a log
     _, vocab, meta, _ = load_decoder(tmp_path / "model")
     assert meta["shape"]["n_layer"] == 2 and meta["shape"]["vocab_size"] == vocab.size
+    env = meta["environment"]  # what shaped the numbers: explains a hash that differs
+    assert env["device"] == "cpu" and env["precision"] == "fp32" and env["processes"] == 1
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["threads"] >= 1 and env["torch"] == torch.__version__ and env["cpu"]
     series = losses(tmp_path)
     assert len(series) == 8 and series[-1] < series[0]
     for name in (
