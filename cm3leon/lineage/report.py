@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from cm3leon.artifacts import atomic_write_text
 from cm3leon.config import Params
@@ -62,6 +63,8 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:12px}
 img{image-rendering:pixelated;max-width:100%}.note{color:#666}
+.scroll{overflow-x:auto;max-width:100%}nav ol{columns:2}figcaption{color:#444;font-size:13px}
+figure{margin:.8em 0}td.ok{color:#1a7f37}td.wrong{color:#b3261e}
 """
 
 
@@ -86,7 +89,7 @@ def _table(rows: list[dict], table_id: str | None = None) -> str:
         for r in rows
     )
     ident = f' id="{table_id}"' if table_id else ""
-    return f"<table{ident}><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table{ident}><tr>{head}</tr>{body}</table></div>'
 
 
 def _fmt(value: Any) -> str:
@@ -239,15 +242,27 @@ def build_report(
     sections.append("".join(lineage_parts))
     sections.append(_samples(eval_dir, samples))
 
+    body, contents = _with_anchors("".join(sections))
     page = (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>cm3leon report</title><style>{CSS}</style></head><body>"
         "<h1>cm3leon: model and data report</h1>"
         f'<p class="note">Built from the artifacts in {html.escape(root.resolve().name)}'
-        " and dvc.lock.</p>" + "".join(sections) + "</body></html>\n"
+        " and dvc.lock.</p>" + contents + body + "</body></html>\n"
     )
     atomic_write_text(out_file, page)
     return {"models_traced": traced, "metrics_rows": len(metrics_rows(evaluation))}
+
+
+def _with_anchors(body: str) -> tuple[str, str]:
+    """Give every ``<h2>`` an id and return ``(body, table of contents)``."""
+    contents, parts = [], body.split("<h2>")
+    out = [parts[0]]
+    for i, part in enumerate(parts[1:], start=1):
+        title = part.split("</h2>", 1)[0]
+        contents.append(f'<li><a href="#section-{i}">{title}</a></li>')
+        out.append(f'<h2 id="section-{i}">' + part)
+    return "".join(out), "<nav><b>Contents</b><ol>" + "".join(contents) + "</ol></nav>"
 
 
 def _procedure(root: Path, models: Sequence[Path], params: Params) -> str:
@@ -311,12 +326,50 @@ def _limitations(evaluation: dict) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 
 
+# What each row of evaluate's task grid (samples/tasks.png) shows: per image-output task with a
+# test table, the test row's image, then the pretrained and the SFT model's output.
+TASK_GRID_INPUT = {
+    "editing": "the image to edit (input)",
+    "grounding": "the scene the boxes describe (target)",
+    "segmentation": "the image to segment (input)",
+}
+
+
 def _samples(eval_dir: Path, count: int) -> str:
     parts = ["<h2>Samples and their retrieved documents</h2>"]
-    for grid in sorted((eval_dir / "samples").glob("*.png")):
-        parts.append(f"<h3>{html.escape(grid.stem)}</h3>" + _img(grid, grid.stem))
+    for grid in sorted((eval_dir / "samples").glob("*_text_to_image.png")):
+        model = grid.stem.removesuffix("_text_to_image")
+        manifest = _read_json(eval_dir / "generations" / model / "text_to_image" / "manifest.json")
+        shown = (manifest or [])[: _grid_columns(grid)]
+        rows = [
+            {"column": i + 1, "prompt": e["prompt"], "generated image correct": e["correct"]}
+            for i, e in enumerate(shown)
+        ]
+        parts.append(
+            f"<h3>Text to image, {html.escape(model)} model</h3><figure>"
+            + _img(grid, grid.stem)
+            + "<figcaption>Top row: the test image of each prompt (the target). Bottom row: "
+            "the model's generation for that prompt (best of the re-ranked samples). Columns, "
+            "left to right, are the prompts below.</figcaption></figure>" + _table(rows)
+        )
+    tasks_grid = eval_dir / "samples" / "tasks.png"
+    if tasks_grid.is_file():
+        shown = [t for t in TASK_GRID_INPUT if t in TASKS]
+        labels = "".join(
+            f"<li>{html.escape(t)}: {html.escape(TASK_GRID_INPUT[t])}, then the pretrained "
+            "model's output, then the SFT model's output</li>"
+            for t in shown
+        )
+        parts.append(
+            "<h3>Image-output tasks</h3><figure>"
+            + _img(tasks_grid, "tasks")
+            + "<figcaption>Three rows per task, top to bottom:<ol>"
+            + labels
+            + "</ol>Columns are test rows of that task.</figcaption></figure>"
+        )
     manifest = _read_json(eval_dir / "generations" / "pretrain" / "text_to_image" / "manifest.json")
     rows = []
+    parts.append("<h3>Pretrained model's generations with their retrieved documents</h3>")
     for entry in (manifest or [])[:count]:
         folder = eval_dir / "generations" / "pretrain" / "text_to_image"
         docs = "; ".join(
@@ -333,3 +386,12 @@ def _samples(eval_dir: Path, count: int) -> str:
         parts.append(_img(folder / entry["file"], entry["prompt"]))
     parts.append(_table(rows))
     return "".join(parts)
+
+
+def _grid_columns(grid: Path) -> int:
+    """Columns of an evaluate-stage grid: cells of ``3 * image_size`` pixels plus 2-pixel
+    borders (:func:`cm3leon.artifacts.image_grid` at scale 3), read from the PNG's width."""
+    with Image.open(grid) as image:
+        width, height = image.size
+    cell = (height - 2) // 2  # two rows
+    return max(1, (width - 2) // cell)

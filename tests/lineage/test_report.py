@@ -44,7 +44,14 @@ def report(tmp_path_factory):
     rows = [{"strategy": "top_p", "cfg_weight": 1.0, "accuracy": 0.3}]
     (eval_dir / "tables/cfg_weight.json").write_text(json.dumps(rows))
     write_png(eval_dir / "plots/cfg_weight.png", np.zeros((8, 8, 3), np.uint8))
-    write_png(eval_dir / "samples/sft_text_to_image.png", np.full((8, 8, 3), 200, np.uint8))
+    # an image_grid of 2 rows x 3 columns of 2x2-pixel images (cells of 2 + a 2-pixel gap)
+    write_png(eval_dir / "samples/sft_text_to_image.png", np.full((10, 14, 3), 200, np.uint8))
+    generations = eval_dir / "generations/sft/text_to_image"
+    generations.mkdir(parents=True)
+    shown = [
+        {"file": f"{i:04d}.png", "prompt": f"prompt <{i}>", "correct": i == 0} for i in range(5)
+    ]
+    (generations / "manifest.json").write_text(json.dumps(shown))
     (root / "data/corpus").mkdir(parents=True)
     manifest = {"source": "shapeworld", "num_documents": 10, "splits": {"train": 8, "test": 2}}
     (root / "data/corpus/manifest.json").write_text(json.dumps(manifest))
@@ -60,12 +67,35 @@ def test_report_holds_the_metrics_and_needs_no_network(report):
     table = re.search(r'<table id="metrics">(.*?)</table>', page, re.S).group(1)
     assert table.count("<tr>") == 7  # header + six tasks
     assert "<td>vqa</td><td>accuracy</td><td>0.75</td><td>0.75</td>" in table
+    contents = re.search(r"<nav>(.*?)</nav>", page, re.S).group(1)
     for section in ("Model card", "Data card", "Pipeline", "Lineage of each model"):
-        assert f"<h2>{section}</h2>" in page
-    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+        anchor = re.search(rf'<h2 id="([^"]+)">{section}</h2>', page).group(1)
+        assert f'<a href="#{anchor}">{section}</a>' in contents  # the table of contents
+    sources = re.findall(r'(?:src|href)="([^#"][^"]*)"', page)  # all but in-page anchors
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "<script" not in page and "http://" not in page.replace('xmlns="http://', "")
     assert summary["metrics_rows"] == 6
+
+
+def test_sample_grids_are_labelled(report):
+    """Each text-to-image grid says which row is the target and which the generation, and
+    lists its columns' prompts (as many as the grid has columns, escaped) with correctness."""
+    page = report[0].read_text()
+    assert "Top row: the test image of each prompt (the target). Bottom row:" in page
+    grid = re.search(r"Text to image, sft model</h3>.*?</figure>(.*?)</table>", page, re.S)
+    cells = re.findall(r"<td>(.*?)</td>", grid.group(1))
+    assert cells == [
+        "1",
+        "prompt &lt;0&gt;",
+        "True",
+        "2",
+        "prompt &lt;1&gt;",
+        "False",
+        "3",
+        "prompt &lt;2&gt;",
+        "False",
+    ]
+    assert '<div class="scroll"><table' in page  # wide tables scroll in their box
 
 
 def test_dag_svg_draws_every_stage_and_edge():
