@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
+import sys
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cm3leon.config import Params
 
 PACKAGES = ("cm3leon", "torch", "deepspeed", "faiss-cpu", "tokenizers", "dvc", "prefect")
 CODE_PREFIXES = ("cm3leon/", "stages/", "flows/")
@@ -166,10 +171,6 @@ def _recorded_environment(project: Path | None, output: str) -> dict[str, Any] |
 def _changed_from_defaults(params: dict[str, Any]) -> dict[str, Any]:
     """The params whose value differs from the default of ``cm3leon.config.Params`` (a key with
     no default, e.g. a user section, counts as changed)."""
-    from dataclasses import asdict
-
-    from cm3leon.config import Params
-
     defaults = _flatten_params({"defaults": asdict(Params())})
     return {k: v for k, v in params.items() if k not in defaults or _norm(defaults[k]) != _norm(v)}
 
@@ -430,9 +431,6 @@ def _stage_order(*locks: dict[str, Any]):
 
 def _metrics_diff(project: Path, a: str, b: str | None) -> dict[str, Any]:
     """``dvc metrics diff --json`` between the two revisions (``{}`` when DVC is absent)."""
-    import shutil
-    import sys
-
     dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
     done = subprocess.run(
         [dvc, "metrics", "diff", a, *([b] if b else []), "--json"],

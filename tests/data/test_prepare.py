@@ -1,10 +1,9 @@
 """The prepare library call: ShapeWorld corpus end to end, byte-identical for the same seed."""
 
-import hashlib
-
 import numpy as np
 import pytest
 
+from cm3leon.artifacts import folder_digest
 from cm3leon.config import DataConfig, ManifestConfig, ShapeWorldConfig
 from cm3leon.data.corpus import (
     decode_images,
@@ -18,14 +17,6 @@ from cm3leon.data.shapeworld import render_scene, scene_from_json
 from cm3leon.tasks import TABLE_TASKS
 
 CONFIG = DataConfig(shard_size=64, shapeworld=ShapeWorldConfig(num_images=200))
-
-
-def folder_digest(path):
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_same_seed_gives_byte_identical_corpus(tmp_path):
