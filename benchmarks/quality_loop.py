@@ -38,9 +38,8 @@ import yaml
 from machine import describe_machine
 
 from cm3leon.config import load_params
-from cm3leon.data.shapeworld_parser import ShapeWorldParser
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.evaluation.tasks import (
-    SceneJudge,
     answer_strategy,
     load_test_set,
     score_task,
@@ -161,10 +160,9 @@ def main() -> None:
         batch_size=evaluate.batch_size,
         max_text_tokens=evaluate.max_text_tokens,
     )
-    judge = SceneJudge(
-        ShapeWorldParser.from_config(params.data.shapeworld, params.data.image_size),
-        params.data.shapeworld,
-    )
+    judge = load_judge(paths["corpus"])
+    if judge is None:
+        raise SystemExit(f"{paths['corpus']} has no scene judge: the quality loop needs ShapeWorld")
     examples = evaluate.task_examples if args.stage == "sft" else 0
     test = load_test_set(
         paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, examples, seed

@@ -55,8 +55,10 @@ class TaskSpec:
       samples; ``None`` retrieves by the input image;
     - ``scorer``: which scorer of :mod:`cm3leon.evaluation.tasks` judges it, ``headline`` its
       headline metric key, ``truth`` the row's column the output is judged against (``None``:
-      the task's image), ``needs_judge`` whether scoring needs a scene judge (the ShapeWorld
-      parser) rather than references alone.
+      the task's image), ``needs_judge`` whether that headline needs a scene judge (the
+      ShapeWorld parser, :mod:`cm3leon.data.scene_judge`) rather than references alone, and
+      ``generic_headline`` the metric that heads the task when the corpus has no judge
+      (``None``: the task is not scored without one). :func:`headline_metric` picks.
 
     The fields a template names before ``<output>`` are the task's inputs
     (:attr:`input_texts`, :attr:`input_images`); the rest is what the model produces.
@@ -70,6 +72,7 @@ class TaskSpec:
     scorer: str
     headline: str
     needs_judge: bool
+    generic_headline: str | None = None
     truth: str | None = None
     query: str | None = None
     image: ImageField | None = None
@@ -107,6 +110,7 @@ TEXT_TO_IMAGE = TaskSpec(
     scorer="scene",
     headline="accuracy",
     needs_judge=True,
+    generic_headline="r_precision",
     truth="objects",
     query="caption",
 )
@@ -122,6 +126,7 @@ CAPTIONING = TaskSpec(
     scorer="caption",
     headline="attribute_exact_match",
     needs_judge=True,
+    generic_headline="cider_d",
     truth="objects",
 )
 VQA = TaskSpec(
@@ -259,6 +264,14 @@ TASKS: Mapping[str, TaskSpec] = {
     t.name: t for t in (TEXT_TO_IMAGE, CAPTIONING, VQA, EDITING, GROUNDING, SEGMENTATION)
 }
 TABLE_TASKS: Mapping[str, TaskSpec] = {t.table: t for t in TASKS.values() if t.table is not None}
+
+
+def headline_metric(spec: TaskSpec, judged: bool) -> str | None:
+    """The metric key that heads task ``spec``: its exact ``headline`` when a scene judge
+    scores the corpus (or the headline needs none), else its ``generic_headline``."""
+    if judged or not spec.needs_judge:
+        return spec.headline
+    return spec.generic_headline
 
 
 def task(name: str) -> TaskSpec:

@@ -1,8 +1,9 @@
 """DVC stage `evaluate`: pretrain, SFT and no-retrieval models on the test split.
 
 Reads the models (`--pretrain`, `--sft`, optional `--no-retrieval`), the VQ and text tokenizers,
-the tokens, the corpus (pixels for FID and mask targets) and the memory bank (`--retriever`,
-`--retrieval`); params `base.seed`, `data` and `evaluate`. Writes the folder `--out`
+the tokens, the corpus (pixels for FID and mask targets; its scene judge, when it has one, for
+the exact metrics) and the memory bank (`--retriever`, `--retrieval`); params `base.seed` and
+`evaluate`. Writes the folder `--out`
 (predictions, generations, tables, plots, grids; see `cm3leon.evaluation.evaluate`) and the
 metrics file (`--metrics`: `<out>/metrics.json` plus the stage's wall time, kept out of the DVC
 cache; the folder itself holds no clock time, so the same seed gives the same bytes).
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             models,
             args.corpus,
             args.tokens,
-            params.data,
             config,
             params.base.seed,
             args.out,

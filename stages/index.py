@@ -1,7 +1,7 @@
 """DVC stage `index`: dual-encoder retriever, faiss memory bank and neighbor table.
 
-Reads the corpus (`--corpus`) and tokens (`--tokens`), params `base.seed`, `data.source`,
-`data.image_size`, `data.shapeworld` and `index`. Writes the retriever (`--retriever-out`), the
+Reads the corpus (`--corpus`, with its scene judge when it has one) and tokens (`--tokens`),
+params `base.seed`, `data.image_size` and `index`. Writes the retriever (`--retriever-out`), the
 memory bank with every train/val document's neighbors (`--retrieval-out`), retrieval metrics
 (`--metrics`) and the retriever's training curve with dvclive (`--live`). Embedding runs on the
 shard runner the `CM3LEON_SHARD_*` variables choose: serially in this process by default, any
@@ -16,6 +16,7 @@ from shard_runner import run_on_shard_runner
 from stage_runtime import StageRun, run_stage
 
 from cm3leon.config import load_params
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.retrieval.memory_bank import build_memory_bank
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.retrieval_out,
                 on_log=run.log,
                 executor=executor,
+                judge=load_judge(args.corpus),
             ),
         )
 

@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
             run.log,
             code=(__file__,),
         )
-        return {**run.final, "examples": facts["examples"]}
+        return {
+            **run.final,
+            "examples": facts["examples"],
+            "tasks_not_trained": facts["tasks_not_trained"],
+        }
 
     return run_stage("sft", work, live=args.live, metrics=args.metrics)
 

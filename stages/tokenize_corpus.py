@@ -3,10 +3,11 @@
 (The file is not called `tokenize.py`: stage scripts run with `stages/` first on `sys.path`,
 where that name would shadow the standard library's `tokenize` module.)
 
-Reads the corpus (`--corpus`) after the validation gate passed (`--validation`), params `base.seed`,
-`data` and `tokenize`. Writes the VQ tokenizer (`--vq-out`), the text tokenizer (`--text-out`),
-the tokens (`--tokens-out`), metrics (`--metrics`), the reconstruction grid (`--grid`: val
-originals above their reconstructions) and the VQ training curve with dvclive (`--live`).
+Reads the corpus (`--corpus`, with its scene judge when it has one) after the validation gate
+passed (`--validation`), params `base.seed`, `data.image_size` and `tokenize`. Writes the VQ
+tokenizer (`--vq-out`), the text tokenizer (`--text-out`), the tokens (`--tokens-out`),
+metrics (`--metrics`), the reconstruction grid (`--grid`: val originals above their
+reconstructions) and the VQ training curve with dvclive (`--live`).
 Image encoding runs on the shard runner the `CM3LEON_SHARD_*` variables choose: serially in this
 process by default, any other runner through `flows/shards.py` (imported only then), with
 identical outputs on every runner (`stages/shard_runner.py`).
@@ -20,6 +21,7 @@ from stage_runtime import StageRun, run_stage
 
 from cm3leon.artifacts import image_grid, write_png
 from cm3leon.config import load_params
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.data.validation import check_validated
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.tokens_out,
                 on_log=run.log,
                 executor=executor,
+                judge=load_judge(args.corpus),
             ),
         )
         write_png(args.grid, image_grid([result.originals, result.reconstructions], scale=4))

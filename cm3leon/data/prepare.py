@@ -8,6 +8,10 @@
   invalid rows either fail the stage, listing every problem, or go to the quarantine table,
   per ``data.on_invalid``. User data has no task tables (they stay empty).
 
+A ShapeWorld corpus also records its scene judge in the manifest
+(:func:`~cm3leon.data.scene_judge.judge_manifest_entry`): the stages that score exactly build
+the judge from the corpus, not from ``data.shapeworld``; user data has none.
+
 Splits are then assigned by image content (:mod:`cm3leon.data.splits`) and everything is written
 as one atomic corpus folder (:mod:`cm3leon.data.corpus`).
 """
@@ -25,6 +29,7 @@ from tqdm import tqdm
 from cm3leon.config import DataConfig
 from cm3leon.data.corpus import CorpusRecord, image_sha256, write_corpus
 from cm3leon.data.importers import CAPTION_CHARS, apply_invalid_policy, load_coco, load_manifest
+from cm3leon.data.scene_judge import judge_manifest_entry
 from cm3leon.data.shapeworld import (
     Scene,
     caption_scene,
@@ -52,6 +57,7 @@ def prepare_corpus(
         records, quarantine = _shapeworld_records(scenes, config, seed), []
         ids = [r.id for r in records]
         tasks = build_task_tables(ids, scenes, config.shapeworld, config.image_size, seed)
+        judge = {"judge": judge_manifest_entry(config.shapeworld, config.image_size)}
     else:
         if config.source == "manifest":
             result = load_manifest(
@@ -70,7 +76,7 @@ def prepare_corpus(
         records, quarantine = apply_invalid_policy(result, config.on_invalid)
         if quarantine:
             log.warning("%d invalid rows set aside in the quarantine table", len(quarantine))
-        tasks = None
+        tasks, judge = None, {}  # user data: no scene judge, the generic metrics only
     records = _with_splits(records, config, seed)
     return write_corpus(
         out_dir,
@@ -80,6 +86,7 @@ def prepare_corpus(
         shard_size=config.shard_size,
         tasks=tasks,
         quarantine=quarantine,
+        extra=judge,
     )
 
 

@@ -9,16 +9,23 @@ baseline — and writes ``out_dir`` atomically::
                                       pretrain_vs_sft
     plots/<study>.png                 the same tables as figures
     samples/<model>_text_to_image.png prompts' true image, then the model's samples (grid)
-    samples/tasks.png                 one row per image task: input, target, pretrain, SFT
+    samples/tasks.png                 three rows per image task: input, pretrain, SFT
     generations/<model>/<task>/*.png  every generated image, one PNG each, and manifest.json
                                       (prompt, correctness, retrieved documents, strategy, seed)
     predictions/<model>_captions.json COCO caption results format [{"image_id", "caption"}]
     predictions/<model>_vqa.json      [{"image_id", "question", "answer"}]
 
 Studies use the SFT model (the final model) except the retrieval study, which needs the
-retrieval-augmented pretrained model. FID and CLIPScore are computed in the dual encoder's
-feature space and named so (``fid_dual_encoder``); Inception FID is added when
+retrieval-augmented pretrained model. FID, CLIPScore and R-precision are computed in the dual
+encoder's feature space and named so (``fid_dual_encoder``), each beside its value for the real
+test images (``real_*``, the ceiling); Inception FID is added when
 ``evaluate.inception_weights`` points to local Inception-v3 weights.
+
+Any corpus: the exact metrics (``accuracy``, ``attribute_exact_match``, ...) are added when the
+corpus has a scene judge (ShapeWorld); without one the headline of text-to-image is
+R-precision and of captioning CIDEr-D (:func:`cm3leon.tasks.headline_metric`), the studies are
+read by R-precision, and ``metrics.json`` lists under ``skipped`` each task it could not score
+and why (user data has no task tables, so only text-to-image and captioning are scored).
 """
 
 from __future__ import annotations
@@ -34,20 +41,19 @@ from typing import Any
 import numpy as np
 
 from cm3leon.artifacts import atomic_dir, image_grid, write_png
-from cm3leon.config import DataConfig, EvaluateConfig
-from cm3leon.data.shapeworld_parser import ShapeWorldParser
+from cm3leon.config import EvaluateConfig
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.evaluation import studies
 from cm3leon.evaluation.inception import inception_features, load_inception
 from cm3leon.evaluation.metrics import frechet_distance
 from cm3leon.evaluation.tasks import (
-    SceneJudge,
     answer_strategy,
     load_test_set,
     score_task,
     strategies,
 )
 from cm3leon.inference.multimodal import MultimodalModel
-from cm3leon.tasks import TASKS
+from cm3leon.tasks import TASKS, headline_metric
 
 Log = Callable[[str], None]
 
@@ -56,22 +62,18 @@ def evaluate(
     models: dict[str, MultimodalModel],
     corpus_dir: str | Path,
     tokens_dir: str | Path,
-    data_config: DataConfig,
     config: EvaluateConfig,
     seed: int,
     out_dir: str | Path,
     log: Log = print,
 ) -> dict[str, Any]:
-    """``models``: ``pretrain`` and ``sft`` (required), ``pretrain_no_retrieval`` (optional)."""
-    if data_config.source != "shapeworld":
-        raise ValueError(
-            "the evaluate stage scores generations exactly with the ShapeWorld parser; "
-            f"data.source is {data_config.source!r} (use the CLI to generate on other data)"
-        )
+    """``models``: ``pretrain`` and ``sft`` (required), ``pretrain_no_retrieval`` (optional).
+
+    The corpus's scene judge (:func:`~cm3leon.data.scene_judge.load_judge`) adds the exact
+    metrics; without one (user data) every task and study runs on the generic metrics, and a
+    task with no test rows or no metric without a judge is listed under ``skipped``."""
     sft, pretrain = models["sft"], models["pretrain"]
-    shapeworld = data_config.shapeworld
-    parser = ShapeWorldParser.from_config(shapeworld, data_config.image_size)
-    judge = SceneJudge(parser, shapeworld)
+    judge = load_judge(corpus_dir)
     test = load_test_set(
         corpus_dir, tokens_dir, sft.codec.decode_text, config.prompts, config.task_examples, seed
     )
@@ -81,7 +83,12 @@ def evaluate(
     retrieved = {"pretrain": config.retrieved, "sft": config.sft_retrieved}
     retrieved["pretrain_no_retrieval"] = 0
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"judge": "shapeworld" if judge is not None else None}
+    skipped = _skipped_tasks(test, judge is not None)
+    if skipped:
+        metrics["skipped"] = skipped
+        log("not scored: " + "; ".join(f"{t} ({why})" for t, why in skipped.items()))
+    scored = [spec for spec in TASKS.values() if spec.name not in skipped]
     records: dict[str, dict[str, list]] = {}
     inception = load_inception(config.inception_weights) if config.inception_weights else None
     for name, model in models.items():
@@ -89,7 +96,7 @@ def evaluate(
         tick = time.perf_counter()
         metrics[name], records[name] = {}, {}
         # The no-retrieval baseline serves the retrieval study: text-to-image only.
-        specs = [TASKS["text_to_image"]] if name == "pretrain_no_retrieval" else TASKS.values()
+        specs = [TASKS["text_to_image"]] if name == "pretrain_no_retrieval" else scored
         for spec in specs:
             rows = test.documents if spec.table is None else test.tasks[spec.name]
             # Text-conditioned image tasks draw the headline plan's samples and re-rank them;
@@ -104,9 +111,13 @@ def evaluate(
                     inception_features(inception, real),
                 )
             metrics[name][spec.name], records[name][spec.name] = result, rec
+        judged = judge is not None
         log(
             f"{name}: "
-            + ", ".join(f"{t} {_headline(t, v):.3f}" for t, v in metrics[name].items())
+            + ", ".join(
+                f"{t} {headline_metric(TASKS[t], judged)} {_headline(t, v, judged):.3f}"
+                for t, v in metrics[name].items()
+            )
             + f" ({time.perf_counter() - tick:.0f}s)"
         )
 
@@ -117,7 +128,7 @@ def evaluate(
     tables["cfg_weight"] = studies.cfg_study(
         sft,
         prompts,
-        parser,
+        judge,
         decoding,
         study.cfg_weights,
         study.strategies,
@@ -128,20 +139,21 @@ def evaluate(
     log(f"cfg study ({time.perf_counter() - tick:.0f}s)")
     tick = time.perf_counter()
     tables["samples"] = studies.samples_study(
-        sft, prompts, parser, decoding, study.samples, config.sft_retrieved, seed
+        sft, prompts, judge, decoding, study.samples, config.sft_retrieved, seed
     )
     tables["retrieved_docs"] = studies.retrieval_study(
-        pretrain, prompts, parser, decoding, study.retrieved, seed
+        pretrain, prompts, judge, decoding, study.retrieved, seed
     )
     log(f"samples and retrieval studies ({time.perf_counter() - tick:.0f}s)")
+    judged = judge is not None
     tables["pretrain_vs_sft"] = [
         {
             "task": task,
-            "metric": TASKS[task].headline,
-            "pretrain": round(_headline(task, metrics["pretrain"][task]), 4),
-            "sft": round(_headline(task, metrics["sft"][task]), 4),
-            **_headline_interval(task, "pretrain", metrics["pretrain"][task]),
-            **_headline_interval(task, "sft", metrics["sft"][task]),
+            "metric": headline_metric(TASKS[task], judged),
+            "pretrain": round(_headline(task, metrics["pretrain"][task], judged), 4),
+            "sft": round(_headline(task, metrics["sft"][task], judged), 4),
+            **_headline_interval(task, "pretrain", metrics["pretrain"][task], judged),
+            **_headline_interval(task, "sft", metrics["sft"][task], judged),
         }
         for task in metrics["sft"]
     ]
@@ -154,9 +166,14 @@ def evaluate(
             }
             for name in ("pretrain", "pretrain_no_retrieval")
         ]
-    best = max(tables["cfg_weight"], key=lambda r: r["accuracy"])
-    no_cfg = {r["strategy"]: r["accuracy"] for r in tables["cfg_weight"] if r["cfg_weight"] == 1.0}
-    metrics["best_text_to_image"] = {**best, "no_cfg_same_strategy": no_cfg.get(best["strategy"])}
+    key = studies.primary_metric(tables["cfg_weight"])
+    best = max(tables["cfg_weight"], key=lambda r: r[key])
+    no_cfg = {r["strategy"]: r[key] for r in tables["cfg_weight"] if r["cfg_weight"] == 1.0}
+    metrics["best_text_to_image"] = {
+        **best,
+        "metric": key,
+        "no_cfg_same_strategy": no_cfg.get(best["strategy"]),
+    }
 
     with atomic_dir(out_dir) as tmp:
         _write_tables(tmp, tables)
@@ -168,12 +185,25 @@ def evaluate(
     return metrics  # no wall-clock time inside out_dir: same seed, same bytes
 
 
-def _headline(task: str, task_metrics: dict) -> float:
-    return float(task_metrics[TASKS[task].headline])
+def _skipped_tasks(test, judged: bool) -> dict[str, str]:
+    """Tasks that cannot be scored on this test set, with the reason."""
+    skipped = {}
+    for spec in TASKS.values():
+        rows = test.documents if spec.table is None else test.tasks[spec.name]
+        if not rows:
+            skipped[spec.name] = f"no test rows in task table {spec.table!r}"
+        elif headline_metric(spec, judged) is None:
+            skipped[spec.name] = "its metric needs a scene judge, and this corpus has none"
+    return skipped
 
 
-def _headline_interval(task: str, model: str, task_metrics: dict) -> dict:
-    low, high = task_metrics.get(f"{TASKS[task].headline}_ci95", (None, None))
+def _headline(task: str, task_metrics: dict, judged: bool) -> float:
+    return float(task_metrics[headline_metric(TASKS[task], judged)])
+
+
+def _headline_interval(task: str, model: str, task_metrics: dict, judged: bool) -> dict:
+    key = headline_metric(TASKS[task], judged)
+    low, high = task_metrics.get(f"{key}_ci95", (None, None))
     if low is None:
         return {}
     return {f"{model}_low": round(low, 4), f"{model}_high": round(high, 4)}
@@ -184,8 +214,12 @@ def _t2i_row(m: dict) -> dict:
         "accuracy",
         "accuracy_1_objects",
         "accuracy_2_objects",
+        "r_precision",
+        "real_r_precision",
         "fid_dual_encoder",
+        "real_fid_dual_encoder",
         "clip_score_dual_encoder",
+        "real_clip_score_dual_encoder",
     )
     return {**{k: round(float(m[k]), 4) for k in keys if k in m}, **studies.interval_columns(m)}
 
@@ -224,13 +258,14 @@ def _write_tables(out: Path, tables: dict[str, list[dict]]) -> None:
 
 
 def _plot(axis, name: str, rows: list[dict]) -> None:
+    key = studies.primary_metric(rows)
     if name == "cfg_weight":
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
             sub = [r for r in rows if r["strategy"] == strategy]
             axis.errorbar(
                 [r["cfg_weight"] for r in sub],
-                [r["accuracy"] for r in sub],
-                _error_bars(sub),
+                [r[key] for r in sub],
+                _error_bars(sub, key),
                 fmt="o-",
                 capsize=3,
                 label=strategy,
@@ -241,8 +276,8 @@ def _plot(axis, name: str, rows: list[dict]) -> None:
         x = "samples" if name == "samples" else "retrieved"
         axis.errorbar(
             [r[x] for r in rows],
-            [r["accuracy"] for r in rows],
-            _error_bars(rows),
+            [r[key] for r in rows],
+            _error_bars(rows, key),
             fmt="o-",
             capsize=3,
         )
@@ -251,23 +286,29 @@ def _plot(axis, name: str, rows: list[dict]) -> None:
         )
     else:
         labels = [r.get("task", r.get("model")) for r in rows]
-        keys = ["pretrain", "sft"] if name == "pretrain_vs_sft" else ["accuracy"]
+        keys = ["pretrain", "sft"] if name == "pretrain_vs_sft" else [key]
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
             axis.bar(np.arange(len(rows)) + j * width, [r[key] for r in rows], width, label=key)
         axis.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, labels, rotation=20, fontsize=7)
         axis.legend()
-    axis.set_ylabel("accuracy / IoU" if name == "pretrain_vs_sft" else "text-to-image accuracy")
-    axis.set_ylim(0, 1.02)
+    if name == "pretrain_vs_sft":
+        axis.set_ylabel("headline metric (see table)")
+    else:
+        axis.set_ylabel(
+            "text-to-image accuracy" if key == "accuracy" else "text-to-image R-precision"
+        )
+    if name != "pretrain_vs_sft" or all(r["pretrain"] <= 1 and r["sft"] <= 1 for r in rows):
+        axis.set_ylim(0, 1.02)  # CIDEr-D, the generic captioning headline, goes above 1
     axis.set_title(name.replace("_", " "))
 
 
-def _error_bars(rows: list[dict]):
-    """95% interval of each row's accuracy as matplotlib's (below, above) error bars."""
-    if not all("accuracy_low" in r for r in rows):
+def _error_bars(rows: list[dict], key: str):
+    """95% interval of each row's ``key`` as matplotlib's (below, above) error bars."""
+    if not all(f"{key}_low" in r for r in rows):
         return None
-    below = [max(r["accuracy"] - r["accuracy_low"], 0.0) for r in rows]
-    above = [max(r["accuracy_high"] - r["accuracy"], 0.0) for r in rows]
+    below = [max(r[key] - r[f"{key}_low"], 0.0) for r in rows]
+    above = [max(r[f"{key}_high"] - r[key], 0.0) for r in rows]
     return np.array([below, above])
 
 
@@ -303,6 +344,7 @@ def _write_generations(out, models, test, records, decoding, seed, retrieved) ->
             (out / "predictions" / f"{name}_captions.json").write_text(
                 json.dumps(captions, indent=1) + "\n"
             )
+        if "vqa" in records[name]:
             answers = [
                 {"image_id": r["image_id"], "question": r["question"], "answer": r["answer"]}
                 for r in records[name]["vqa"]
@@ -325,7 +367,7 @@ def _write_grids(out, models, test, records, count) -> None:
     rows = []
     for task in (s.name for s in TASKS.values() if s.output == "image" and s.table is not None):
         examples = test.tasks[task][:count]
-        if not examples:
+        if not examples or task not in records["sft"]:
             continue
         rows.append(np.stack([r["pixels"] for r in examples]))
         for name in ("pretrain", "sft"):

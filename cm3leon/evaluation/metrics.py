@@ -1,4 +1,5 @@
-"""Evaluation metrics: VQA accuracy, captioning (CIDEr-D, BLEU), FID, CLIPScore and mask IoU.
+"""Evaluation metrics: VQA accuracy, captioning (CIDEr-D, BLEU), FID, CLIPScore, R-precision
+and mask IoU.
 
 Pure functions over strings and arrays; model inference happens elsewhere.
 
@@ -16,6 +17,8 @@ Pure functions over strings and arrays; model inference happens elsewhere.
   following the reference ``pytorch-fid`` computation.
 - CLIPScore: Hessel et al. 2021, "CLIPScore: A Reference-free Evaluation Metric for Image
   Captioning", ``w * max(cos(text, image), 0)`` with ``w = 2.5``.
+- R-precision: Xu et al. 2018 ("AttnGAN"), does a generated image retrieve its own prompt
+  among 1 + 99 random other captions (here: among ``min(100, distinct captions)``).
 - Masks: intersection-over-union of boolean masks, and binarization of rendered masks; both
   live in :mod:`cm3leon.data.masks` (the tokenizer layer scores masks too) and are re-exported
   here.
@@ -393,6 +396,47 @@ def clip_score(
         raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined")
     cos = np.sum(t * v, axis=1) / (t_norm * v_norm)
     return float(np.mean(weight * np.maximum(cos, 0.0)))
+
+
+def r_precision_hits(
+    text_embeddings: np.ndarray,
+    image_embeddings: np.ndarray,
+    keys: Sequence[str],
+    candidates: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, int]:
+    """R-precision with R = 1 (Xu et al. 2018, AttnGAN §5): for each image ``i``, is its own
+    text ``i`` the most similar among ``candidates`` texts: itself plus ``candidates - 1``
+    drawn without replacement from the *other* texts (those whose ``keys[j] != keys[i]``, so
+    a duplicate caption is never a distractor)?
+
+    Inputs are (N, D) arrays paired by row (cosine similarity; rows are normalized here).
+    ``candidates`` is capped by the smallest pool of distinct texts. A tie with a distractor
+    counts as a miss. Returns the per-image hits (bool, N) and the number of candidates used;
+    chance level is ``1 / candidates``.
+    """
+    t = np.asarray(text_embeddings, dtype=np.float64)
+    v = np.asarray(image_embeddings, dtype=np.float64)
+    if t.ndim != 2 or t.shape != v.shape or len(keys) != t.shape[0]:
+        raise ValueError(
+            f"need two (N, D) arrays of one shape and N keys, got {t.shape}, {v.shape}, "
+            f"{len(keys)} keys"
+        )
+    if candidates < 2:
+        raise ValueError(f"R-precision needs at least 2 candidates, got {candidates}")
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    keys = list(keys)
+    pools = [[j for j, k in enumerate(keys) if k != key] for key in keys]
+    used = min(candidates, 1 + min((len(p) for p in pools), default=0))
+    if used < 2:
+        raise ValueError("R-precision needs at least two distinct texts")
+    hits = np.zeros(len(keys), dtype=bool)
+    for i, pool in enumerate(pools):
+        others = rng.choice(pool, used - 1, replace=False)
+        own = float(v[i] @ t[i])
+        hits[i] = bool(own > float(np.max(t[others] @ v[i])))
+    return hits, used
 
 
 # --------------------------------------------------------------------------------------------

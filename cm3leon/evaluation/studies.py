@@ -12,6 +12,10 @@ and plotted by :mod:`cm3leon.evaluation.evaluate`:
   retrieval-augmented pretrained model;
 - :func:`model_comparison` — the same prompts through several models (retrieval-augmented vs
   no-retrieval pretraining; pretrain vs SFT on every task is assembled by the evaluator).
+
+Every row carries the generic metrics (R-precision and CLIPScore in the dual encoder's space)
+and, when the corpus has a scene judge, the exact ones (``accuracy`` and its breakdown);
+:func:`primary_metric` names the column a study is read by.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cm3leon.config import DecodingConfig
-from cm3leon.evaluation.tasks import judge_images, strategies
+from cm3leon.data.scene_judge import SceneJudge
+from cm3leon.evaluation.tasks import image_metrics, strategies
 from cm3leon.inference.multimodal import MultimodalModel, TaskInput, rerank_prefix
 
 
@@ -32,6 +37,8 @@ def _row(metrics: dict, **setting) -> dict:
         "shape_accuracy",
         "size_accuracy",
         "position_accuracy",
+        "r_precision",
+        "clip_score_dual_encoder",
     )
     row = {**setting, **{k: round(float(metrics[k]), 4) for k in keep if k in metrics}}
     return {**row, **interval_columns(metrics)}
@@ -41,7 +48,7 @@ def interval_columns(metrics: dict) -> dict:
     """``accuracy_low``/``accuracy_high`` (95% Wilson) and the examples behind them, the
     columns every accuracy table carries; per object count too when the metrics have them."""
     columns = {}
-    for key in ("accuracy", "accuracy_1_objects", "accuracy_2_objects"):
+    for key in ("accuracy", "accuracy_1_objects", "accuracy_2_objects", "r_precision"):
         if f"{key}_ci95" in metrics:
             low, high = metrics[f"{key}_ci95"]
             columns[f"{key}_low"], columns[f"{key}_high"] = round(low, 4), round(high, 4)
@@ -49,10 +56,16 @@ def interval_columns(metrics: dict) -> dict:
     return columns
 
 
+def primary_metric(rows: Sequence[dict]) -> str:
+    """The column a text-to-image table is read by: exact ``accuracy`` when judged, else
+    ``r_precision``."""
+    return "accuracy" if rows and "accuracy" in rows[0] else "r_precision"
+
+
 def cfg_study(
     model: MultimodalModel,
     documents: Sequence[dict],
-    parser,
+    judge: SceneJudge | None,
     config: DecodingConfig,
     weights: Sequence[float],
     names: Sequence[str],
@@ -66,7 +79,7 @@ def cfg_study(
         for weight in weights:
             plan = strategies(config, name, samples, weight)
             generations = model.run("text_to_image", items, plan, retrieved, seed)
-            metrics, _ = judge_images(model, documents, generations, parser, "objects")
+            metrics, _ = image_metrics(model, documents, generations, judge, "objects", seed=seed)
             rows.append(_row(metrics, strategy=name, cfg_weight=weight, samples=samples))
     return rows
 
@@ -74,7 +87,7 @@ def cfg_study(
 def samples_study(
     model: MultimodalModel,
     documents: Sequence[dict],
-    parser,
+    judge: SceneJudge | None,
     config: DecodingConfig,
     counts: Sequence[int],
     retrieved: int,
@@ -86,7 +99,7 @@ def samples_study(
     rows = []
     for n in sorted(counts):
         best = [rerank_prefix(g, n) for g in generations]
-        metrics, _ = judge_images(model, documents, generations, parser, "objects", best)
+        metrics, _ = image_metrics(model, documents, generations, judge, "objects", best, seed=seed)
         rows.append(
             _row(metrics, samples=n, strategy=config.strategy, cfg_weight=config.cfg_weight)
         )
@@ -96,7 +109,7 @@ def samples_study(
 def retrieval_study(
     model: MultimodalModel,
     documents: Sequence[dict],
-    parser,
+    judge: SceneJudge | None,
     config: DecodingConfig,
     counts: Sequence[int],
     seed: int,
@@ -106,7 +119,7 @@ def retrieval_study(
     rows = []
     for k in counts:
         generations = model.run("text_to_image", items, plan, k, seed)
-        metrics, _ = judge_images(model, documents, generations, parser, "objects")
+        metrics, _ = image_metrics(model, documents, generations, judge, "objects", seed=seed)
         mean_docs = sum(len(g.retrieved) for g in generations) / max(len(generations), 1)
         rows.append(_row(metrics, retrieved=k, mean_retrieved=round(mean_docs, 3)))
     return rows

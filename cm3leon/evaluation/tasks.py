@@ -8,11 +8,22 @@ need. :func:`score_task` runs one task of the registry (:mod:`cm3leon.tasks`) th
 dict per example (prompt, output, correctness, retrieved documents) for the predictions files
 and the lineage of every generated sample.
 
-Judging is exact wherever ShapeWorld allows: generated images are read back by the template
-parser (every attribute of every object must be right for text-to-image, editing and
-grounding), captions by :func:`~cm3leon.data.shapeworld_parser.parse_caption`, segmentation
-masks by IoU with the true mask, VQA answers with the official VQA accuracy (one exact answer
-per question, counted as ten agreeing annotators).
+Two layers of metrics (DESIGN.md §10):
+
+- **generic**, on any data: text-to-image R-precision, CLIPScore and FID in the dual encoder's
+  feature space (named so), each beside the same metric for the real test images (the
+  ceiling); captioning CIDEr-D / BLEU against every reference caption; VQA accuracy; mask IoU.
+  Caveat: image samples are re-ranked by the same dual encoder, so the generated side of
+  R-precision and CLIPScore is optimistic by construction: compare models and settings with
+  each other, and with the real-image ceiling, not with published numbers.
+- **exact**, when the corpus comes with a scene judge (:mod:`cm3leon.data.scene_judge`,
+  ShapeWorld): generated images are read back by the template parser (every attribute of every
+  object must be right for text-to-image, editing and grounding), captions by the caption
+  parser; VQA answers are scored with the official VQA accuracy (one exact answer per
+  question, counted as ten agreeing annotators).
+
+A task whose headline needs a judge and that has no generic metric (editing and grounding:
+:func:`cm3leon.tasks.headline_metric`) is not scored without one.
 """
 
 from __future__ import annotations
@@ -24,25 +35,18 @@ from typing import Any
 
 import numpy as np
 
-from cm3leon.config import DecodingConfig, ShapeWorldConfig
+from cm3leon.config import DecodingConfig
 from cm3leon.data.corpus import decode_images, read_documents, read_task_table
-from cm3leon.data.shapeworld import scene_from_json
-from cm3leon.data.shapeworld_parser import (
-    ShapeWorldParser,
-    agreement_summary,
-    compare_scene,
-    parse_caption,
-    same_objects,
-    truth_objects,
-)
+from cm3leon.data.scene_judge import SceneJudge
+from cm3leon.data.shapeworld_parser import agreement_summary, compare_scene, same_objects
 from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.evaluation.metrics import (
     binarize_mask,
     caption_scores,
-    clip_score,
     frechet_distance,
     mask_iou,
     mean_interval,
+    r_precision_hits,
     vqa_accuracy,
     wilson_interval,
 )
@@ -50,21 +54,14 @@ from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.tasks import TABLE_TASKS, TaskSpec
 from cm3leon.tokenizers.tokens import read_split, read_task_tokens
 
+R_PRECISION_CANDIDATES = 100  # the prompt + 99 other test captions (AttnGAN's protocol)
+
 
 @dataclass
 class TestSet:
     documents: list[dict[str, Any]]  # id, caption, paraphrases, image_ids, objects, pixels
     tasks: dict[str, list[dict[str, Any]]]  # rows of each table task, by task name
     real_pixels: np.ndarray  # (N, H, W, 3) every test image, for FID
-
-
-@dataclass(frozen=True)
-class SceneJudge:
-    """What exact scoring needs: the ShapeWorld parser for images and the attribute lists for
-    captions. (Built by the evaluator for ShapeWorld corpora.)"""
-
-    parser: ShapeWorldParser
-    config: ShapeWorldConfig
 
 
 def load_test_set(
@@ -156,49 +153,76 @@ def score_task(
     model: MultimodalModel,
     spec: TaskSpec,
     rows: Sequence[dict],
-    judge: SceneJudge,
+    judge: SceneJudge | None,
     plan: list[Strategy],
     retrieved: int,
     seed: int,
     real_pixels: np.ndarray | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Generate for every row of task ``spec`` and score with its scorer (:data:`SCORERS`).
+    ``judge``: the corpus's scene judge, ``None`` for the generic metrics only.
     ``real_pixels``: real images for the feature-space metrics of a text-to-image task."""
     generations = model.run(spec.name, task_inputs(spec, rows), plan, retrieved, seed)
-    return SCORERS[spec.scorer](model, spec, rows, generations, judge, real_pixels)
+    return SCORERS[spec.scorer](model, spec, rows, generations, judge, real_pixels, seed)
 
 
 # --- scorers ------------------------------------------------------------------------------------
-def score_scene(model, spec: TaskSpec, rows, generations, judge: SceneJudge, real_pixels):
-    """Images read back by the judge: exact scene against the row's ``spec.truth`` objects."""
-    metrics, records = judge_images(model, rows, generations, judge.parser, spec.truth)
+def score_scene(model, spec: TaskSpec, rows, generations, judge, real_pixels, seed):
+    """Generated images: exact scene against the row's ``spec.truth`` objects by the judge;
+    for text-to-image also R-precision, CLIPScore and FID with their real-image ceilings."""
+    metrics, records = image_metrics(model, rows, generations, judge, spec.truth, seed=seed)
     if spec.table is not None:
         for r, rec in zip(rows, records, strict=True):
             rec.update({"image_id": r["image_id"], "instruction": r[spec.input_texts[0]]})
     elif real_pixels is not None and model.retriever is not None:
         generated = np.stack([r["image"] for r in records])
-        metrics.update(feature_metrics(model, rows, generated, real_pixels))
+        metrics.update(feature_metrics(model, rows, generated, real_pixels, seed))
     return metrics, records
 
 
-def judge_images(
+def image_metrics(
     model: MultimodalModel,
     rows: Sequence[dict],
     generations: Sequence[Generation],
-    parser: ShapeWorldParser,
-    truth_key: str,
+    judge: SceneJudge | None,
+    truth_key: str | None,
     best: Sequence[int] | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, float], list[dict]]:
-    """Exact-scene accuracy overall and by object count, plus per-attribute accuracy."""
+    """Metrics of the chosen sample of each generation (``best``: which; default its own):
+    with a judge, exact-scene accuracy overall and by object count plus per-attribute
+    accuracy; for captioned rows with a retriever, R-precision among the rows' captions."""
     picks = list(best) if best is not None else [g.best for g in generations]
     chosen = [g.sample_codes[b] for g, b in zip(generations, picks, strict=True)]
     images = model.decode_ids([model.vocab.image_to_vocab(c) for c in chosen])
-    agreements, by_count, records = [], {}, []
-    counted, any_right = [], {}
+    records = [
+        {
+            "retrieved": [d.provenance() for d in generation.retrieved],
+            "strategies": generation.strategies,
+            "best_sample": pick,
+            "image": image,
+        }
+        for image, generation, pick in zip(images, generations, picks, strict=True)
+    ]
+    metrics: dict[str, Any] = {"examples": len(rows)}
+    if judge is not None:
+        metrics.update(_exact_scene(rows, images, judge, truth_key, records))
+    if model.retriever is not None and all("caption" in r for r in rows) and len(rows) > 1:
+        text_emb = _caption_embeddings(model, rows)
+        image_emb = model.retriever.embed_image(images)
+        metrics.update(_r_precision(text_emb, image_emb, rows, seed))
+        clip = _clip_scores(text_emb, image_emb)
+        metrics["clip_score_dual_encoder"] = float(np.mean(clip))
+        metrics["clip_score_dual_encoder_ci95"] = _mean_interval(clip)
+    return metrics, records
+
+
+def _exact_scene(rows, images, judge: SceneJudge, truth_key, records) -> dict[str, Any]:
+    agreements, by_count, counted, any_right = [], {}, [], {}
     objects_right = objects_total = 0
-    for row, image, generation, pick in zip(rows, images, generations, picks, strict=True):
-        truth = truth_objects(scene_from_json(row[truth_key]))
-        parsed = parser.parse(image)
+    for row, image, record in zip(rows, images, records, strict=True):
+        truth = judge.truth(row[truth_key])
+        parsed = judge.parse(image)
         agreement = compare_scene(truth, parsed)
         agreements.append(agreement)
         by_count.setdefault(len(truth), []).append(agreement.exact)
@@ -207,19 +231,10 @@ def judge_images(
         exact_objects = sum(same_objects([t], [p]) for t in truth for p in parsed)
         objects_right, objects_total = objects_right + exact_objects, objects_total + len(truth)
         any_right.setdefault(len(truth), []).append(exact_objects > 0)
-        records.append(
-            {
-                "correct": bool(agreement.exact),
-                "parsed": [o.__dict__ for o in parsed],
-                "retrieved": [d.provenance() for d in generation.retrieved],
-                "strategies": generation.strategies,
-                "best_sample": pick,
-                "image": image,
-            }
-        )
+        record.update(correct=bool(agreement.exact), parsed=[o.__dict__ for o in parsed])
     summary = agreement_summary(agreements)
     exact = [a.exact for a in agreements]
-    metrics = {"accuracy": summary["exact_scene_rate"], "examples": len(rows)}
+    metrics: dict[str, Any] = {"accuracy": summary["exact_scene_rate"]}
     metrics["accuracy_ci95"] = wilson_interval(sum(exact), len(exact))
     for name in ("position", "shape", "color", "size"):
         metrics[f"{name}_accuracy"] = summary[f"{name}_accuracy"]
@@ -230,49 +245,95 @@ def judge_images(
         metrics[f"accuracy_{count}_objects_ci95"] = wilson_interval(sum(values), len(values))
         metrics[f"examples_{count}_objects"] = len(values)
         metrics[f"any_object_right_{count}_objects"] = float(np.mean(any_right[count]))
-    return metrics, records
+    return metrics
 
 
-def feature_metrics(model, documents, generated, real_pixels) -> dict[str, float]:
-    """FID and CLIPScore in the *dual encoder's* feature space (not Inception's), for the
-    ``(N, H, W, 3)`` images generated for ``documents``."""
-    image_emb = model.retriever.embed_image(generated)
-    real_emb = model.retriever.embed_image(real_pixels)
-    texts = [model.vocab.vocab_to_text(model.codec.encode_text(d["caption"])) for d in documents]
-    text_emb = model.retriever.embed_text(texts)
+def _caption_embeddings(model: MultimodalModel, rows: Sequence[dict]) -> np.ndarray:
+    texts = [model.vocab.vocab_to_text(model.codec.encode_text(r["caption"])) for r in rows]
+    return model.retriever.embed_text(texts)
+
+
+def _r_precision(text_emb, image_emb, rows, seed: int, prefix: str = "") -> dict[str, Any]:
+    """R-precision of images for their rows' captions (distractors: the other rows' captions,
+    drawn with a seed of their own, so generated and real images meet the same distractors)."""
+    rng = np.random.default_rng([seed, 0x4B1])
+    keys = [" ".join(r["caption"].lower().split()) for r in rows]
+    hits, used = r_precision_hits(text_emb, image_emb, keys, R_PRECISION_CANDIDATES, rng)
     return {
-        "fid_dual_encoder": frechet_distance(image_emb, real_emb),
-        "clip_score_dual_encoder": clip_score(text_emb, image_emb),
+        f"{prefix}r_precision": float(np.mean(hits)),
+        f"{prefix}r_precision_ci95": wilson_interval(int(hits.sum()), len(hits)),
+        "r_precision_candidates": used,
+        "r_precision_chance": 1.0 / used,
     }
 
 
-def score_caption(model, spec: TaskSpec, documents, generations, judge: SceneJudge, _pixels):
-    """CIDEr-D / BLEU-4 against every paraphrase, and attribute exact match by the judge."""
+def _clip_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
+    """Per-pair CLIPScore, ``2.5 max(cos, 0)`` (the mean is :func:`metrics.clip_score`)."""
+    t = np.asarray(text_emb, np.float64)
+    v = np.asarray(image_emb, np.float64)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return 2.5 * np.maximum(np.sum(t * v, axis=1), 0.0)
+
+
+def _mean_interval(values: np.ndarray) -> tuple[float, float]:
+    """95% normal interval of a mean on any scale (CLIPScore is in [0, 2.5])."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, mean
+    half = 1.959964 * float(np.std(values, ddof=1)) / np.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def feature_metrics(model, documents, generated, real_pixels, seed: int = 0) -> dict[str, Any]:
+    """FID, CLIPScore and R-precision in the *dual encoder's* feature space (not Inception's)
+    for the ``(N, H, W, 3)`` images generated for ``documents``, and the same three for the
+    documents' real images (``real_*``: the ceiling; FID of the real images of the same
+    prompts against every real test image, so both FIDs have the same sample size)."""
+    real_own = np.stack([d["pixels"] for d in documents])
+    image_emb = model.retriever.embed_image(generated)
+    own_emb = model.retriever.embed_image(real_own)
+    real_emb = model.retriever.embed_image(real_pixels)
+    text_emb = _caption_embeddings(model, documents)
+    clip_real = _clip_scores(text_emb, own_emb)
+    out = {
+        "fid_dual_encoder": frechet_distance(image_emb, real_emb),
+        "real_fid_dual_encoder": frechet_distance(own_emb, real_emb),
+        "real_clip_score_dual_encoder": float(np.mean(clip_real)),
+        "real_clip_score_dual_encoder_ci95": _mean_interval(clip_real),
+    }
+    if len(documents) > 1:
+        out.update(_r_precision(text_emb, own_emb, documents, seed, prefix="real_"))
+    return out
+
+
+def score_caption(model, spec: TaskSpec, documents, generations, judge, _pixels, _seed):
+    """CIDEr-D / BLEU-4 against every reference caption (ShapeWorld: every paraphrase), and
+    with a judge the attribute exact match (the caption parser reads the scene)."""
     predictions = {d["id"]: g.text for d, g in zip(documents, generations, strict=True)}
     references = {d["id"]: d["paraphrases"] for d in documents}
     metrics = caption_scores(predictions, references)
-    config = judge.config
-    exact = []
-    records = []
-    for d, g in zip(documents, generations, strict=True):
-        truth = truth_objects(scene_from_json(d[spec.truth]))
-        parsed = parse_caption(g.text, config.grid_size, config.shapes, config.colors, config.sizes)
-        exact.append(same_objects(truth, parsed))
-        records.append(
-            {
-                "image_id": d["id"],
-                "caption": g.text,
-                "correct": exact[-1],
-                "retrieved": [r.provenance() for r in g.retrieved],
-            }
-        )
-    metrics["attribute_exact_match"] = float(np.mean(exact))
-    metrics["attribute_exact_match_ci95"] = wilson_interval(sum(exact), len(exact))
+    metrics["references_per_image"] = float(np.mean([len(d["paraphrases"]) for d in documents]))
+    records = [
+        {
+            "image_id": d["id"],
+            "caption": g.text,
+            "retrieved": [r.provenance() for r in g.retrieved],
+        }
+        for d, g in zip(documents, generations, strict=True)
+    ]
+    if judge is not None:
+        exact = []
+        for d, g, record in zip(documents, generations, records, strict=True):
+            exact.append(same_objects(judge.truth(d[spec.truth]), judge.parse_caption(g.text)))
+            record["correct"] = exact[-1]
+        metrics["attribute_exact_match"] = float(np.mean(exact))
+        metrics["attribute_exact_match_ci95"] = wilson_interval(sum(exact), len(exact))
     metrics["examples"] = len(documents)
     return metrics, records
 
 
-def score_vqa(model, spec: TaskSpec, rows, generations, _judge, _pixels):
+def score_vqa(model, spec: TaskSpec, rows, generations, _judge, _pixels, _seed):
     """The official VQA accuracy (one exact answer per question, as ten agreeing annotators)."""
     scores, by_type, records = [], {}, []
     for r, g in zip(rows, generations, strict=True):
@@ -295,7 +356,7 @@ def score_vqa(model, spec: TaskSpec, rows, generations, _judge, _pixels):
     return metrics, records
 
 
-def score_mask_iou(model, spec: TaskSpec, rows, generations, _judge, _pixels):
+def score_mask_iou(model, spec: TaskSpec, rows, generations, _judge, _pixels, _seed):
     """IoU of the generated mask, binarized, with the true mask."""
     images = model.decode_ids([model.vocab.image_to_vocab(g.codes) for g in generations])
     ious, records = [], []
@@ -316,7 +377,7 @@ def score_mask_iou(model, spec: TaskSpec, rows, generations, _judge, _pixels):
     return metrics, records
 
 
-# TaskSpec.scorer -> scorer(model, spec, rows, generations, judge, real_pixels).
+# TaskSpec.scorer -> scorer(model, spec, rows, generations, judge, real_pixels, seed).
 SCORERS = {
     "scene": score_scene,
     "caption": score_caption,

@@ -31,7 +31,7 @@ from PIL import Image
 from cm3leon.artifacts import atomic_write_text
 from cm3leon.config import Params
 from cm3leon.lineage.lineage import format_lineage, trace
-from cm3leon.tasks import TASKS
+from cm3leon.tasks import TASKS, headline_metric
 
 
 @dataclass(frozen=True)
@@ -99,19 +99,30 @@ def _fmt(value: Any) -> str:
 
 
 def metrics_rows(evaluation: dict) -> list[dict]:
-    """One row per task: the headline metric of each evaluated model, and its 95% interval
-    where the evaluation reports one."""
+    """One row per task: the headline metric of each evaluated model (the exact one when the
+    corpus has a scene judge, else the generic one: :func:`cm3leon.tasks.headline_metric`) and
+    its 95% interval where the evaluation reports one; a task evaluate could not score says
+    why; text-to-image is followed by the same metric on the real test images (the ceiling)."""
     models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
+    judged = evaluation.get("judge") is not None
+    skipped = evaluation.get("skipped", {})
     rows = []
     for task, spec in TASKS.items():
-        row: dict[str, Any] = {"task": task, "metric": spec.headline}
+        if task in skipped:
+            rows.append({"task": task, "metric": f"not scored: {skipped[task]}"})
+            continue
+        key = headline_metric(spec, judged)
+        row: dict[str, Any] = {"task": task, "metric": key}
         for model in models:
             metrics = evaluation[model].get(task, {})
-            row[model] = metrics.get(row["metric"])
-            interval = metrics.get(f"{row['metric']}_ci95")
+            row[model] = metrics.get(key)
+            interval = metrics.get(f"{key}_ci95")
             if interval is not None:
                 row[f"{model} 95%"] = f"[{interval[0]:.2f}, {interval[1]:.2f}]"
         rows.append(row)
+        real = evaluation.get("sft", {}).get(task, {}).get(f"real_{key}")
+        if real is not None:  # the ceiling: the real test images of the same prompts
+            rows.append({"task": f"{task}, real test images", "metric": key, "sft": real})
     return rows
 
 
@@ -310,13 +321,20 @@ def _studies(eval_dir: Path) -> str:
 
 def _limitations(evaluation: dict) -> str:
     items = [
-        "Scores are exact only on ShapeWorld (the template parser judges images); on user data "
-        "the evaluate stage does not run.",
-        "FID and CLIPScore are computed in the project's own dual encoder's feature space, "
-        "not Inception's, unless local Inception weights are configured.",
+        "Scores are exact only on ShapeWorld (its scene judge reads images and captions back); "
+        "on other data the evaluate stage reports the generic metrics only (R-precision, "
+        "CLIPScore and FID in the dual encoder's space beside the real test images' values; "
+        "CIDEr-D and BLEU against every reference caption).",
+        "FID, CLIPScore and R-precision are computed in the project's own dual encoder's "
+        "feature space, not Inception's or CLIP's, unless local Inception weights are "
+        "configured; image samples are re-ranked by the same encoder, so its scores of "
+        "generated images are optimistic: compare them across models and with the real-image "
+        "row, not with published numbers.",
     ]
+    for task, why in evaluation.get("skipped", {}).items():
+        items.append(f"Task {task} is not evaluated: {why}.")
     t2i = evaluation.get("sft", {}).get("text_to_image", {})
-    if t2i:
+    if "accuracy_1_objects" in t2i:
         items.append(
             f"Text-to-image accuracy of the SFT model: {_fmt(t2i.get('accuracy_1_objects'))} on "
             f"one-object and {_fmt(t2i.get('accuracy_2_objects'))} on two-object prompts; "
@@ -342,7 +360,7 @@ def _samples(eval_dir: Path, count: int) -> str:
         manifest = _read_json(eval_dir / "generations" / model / "text_to_image" / "manifest.json")
         shown = (manifest or [])[: _grid_columns(grid)]
         rows = [
-            {"column": i + 1, "prompt": e["prompt"], "generated image correct": e["correct"]}
+            {"column": i + 1, "prompt": e["prompt"], "generated image correct": e.get("correct")}
             for i, e in enumerate(shown)
         ]
         parts.append(
@@ -379,7 +397,7 @@ def _samples(eval_dir: Path, count: int) -> str:
             {
                 "image": entry["file"],
                 "prompt": entry["prompt"],
-                "correct": entry["correct"],
+                "correct": entry.get("correct"),
                 "retrieved": docs or "none",
             }
         )

@@ -7,8 +7,9 @@
 3. the neighbor table: for every train and val document, its ``k`` neighbors chosen by the
    retrieval policy from the index's candidates for its query-dropped embedding;
 4. retrieval quality on the test split: text->image and image->text recall@1/5/10 among test
-   documents, and — for ShapeWorld — attribute precision@5: the share of the top-5 bank images
-   retrieved for a held-out caption that the parser reads as exactly the caption's scene.
+   documents, and — when the corpus has a scene judge (ShapeWorld) — attribute precision@5:
+   the share of the top-5 bank images retrieved for a held-out caption that the judge reads as
+   exactly the caption's scene.
 
 Layout of ``data/retrieval/``: ``index.faiss``, ``bank.parquet`` (row, id),
 ``neighbors.parquet`` (id, split, neighbor_ids, neighbor_scores), ``manifest.json``.
@@ -29,8 +30,8 @@ import pyarrow.parquet as pq
 from cm3leon.artifacts import atomic_dir, atomic_write_json
 from cm3leon.config import DataConfig, IndexConfig
 from cm3leon.data.corpus import decode_images, read_documents
+from cm3leon.data.scene_judge import SceneJudge
 from cm3leon.data.shapeworld import scene_from_json
-from cm3leon.data.shapeworld_parser import ShapeWorldParser, compare_scene, truth_objects
 from cm3leon.retrieval.dual_encoder import (
     DualEncoder,
     combine,
@@ -95,8 +96,10 @@ def build_memory_bank(
     retrieval_dir: str | Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     executor: ShardExecutor = SERIAL,
+    judge: SceneJudge | None = None,
 ) -> dict[str, Any]:
     """Run the index stage: writes ``retriever_dir`` and ``retrieval_dir``, returns metrics.
+    ``judge``: the corpus's scene judge, for the attribute precision of retrieved images.
 
     Every embedding (bank, neighbor queries, test metrics) runs in shards on ``executor``; the
     artifacts are byte-identical whichever executor runs it (:mod:`cm3leon.shards`).
@@ -154,7 +157,7 @@ def build_memory_bank(
                 "policy": config.policy.__dict__,
             },
         )
-    metrics = _retrieval_metrics(embed, splits, bank_image, bank_docs, data_config, config, rng)
+    metrics = _retrieval_metrics(embed, splits, bank_image, bank_docs, judge, config, rng)
     metrics["bank_size"] = len(bank)
     metrics["mean_neighbors"] = (
         float(np.mean([len(r["neighbor_ids"]) for r in rows])) if rows else 0.0
@@ -223,7 +226,7 @@ def _neighbor_rows(
     return rows
 
 
-def _retrieval_metrics(embed, splits, bank_image, bank_docs, data_config, config, rng) -> dict:
+def _retrieval_metrics(embed, splits, bank_image, bank_docs, judge, config, rng) -> dict:
     test = splits["test"]
     metrics: dict[str, Any] = {}
     if not test.ids:
@@ -236,24 +239,21 @@ def _retrieval_metrics(embed, splits, bank_image, bank_docs, data_config, config
         for k in (1, 5, 10):
             hits = [any(keys[j] == keys[i] for j in ranking[i, :k]) for i in range(len(keys))]
             metrics[f"{name}_recall@{k}"] = float(np.mean(hits))
-    if data_config.source == "shapeworld" and all(o is not None for o in test.objects):
-        metrics.update(
-            _attribute_precision(test, text, bank_image, bank_docs, data_config, config, rng)
-        )
+    if judge is not None and all(o is not None for o in test.objects):
+        metrics.update(_attribute_precision(test, text, bank_image, bank_docs, judge, config, rng))
     return metrics
 
 
-def _attribute_precision(test, text, bank_image, bank_docs, data_config, config, rng) -> dict:
-    """Share of top-5 bank images (text->image) the parser reads as exactly the query's scene."""
-    parser = ShapeWorldParser.from_config(data_config.shapeworld, data_config.image_size)
+def _attribute_precision(test, text, bank_image, bank_docs, judge: SceneJudge, config, rng) -> dict:
+    """Share of top-5 bank images (text->image) the judge reads as exactly the query's scene."""
     count = min(config.eval_queries, len(test.ids))
     chosen = np.sort(rng.choice(len(test.ids), count, replace=False))
     bank_scenes = [_scene_key(o) for o in bank_docs.objects]
     top = np.argsort(-(text[chosen] @ bank_image.T), axis=1, kind="stable")[:, :5]
     exact, achievable, by_count = [], [], {}
     for q, rows in zip(chosen, top, strict=True):
-        truth = truth_objects(scene_from_json(test.objects[q]))
-        hits = [compare_scene(truth, parser.parse(bank_docs.images[r])).exact for r in rows]
+        truth = judge.truth(test.objects[q])
+        hits = [judge.compare(truth, bank_docs.images[r]).exact for r in rows]
         exact.append(np.mean(hits))
         if bank_scenes.count(_scene_key(test.objects[q])) >= 5:
             achievable.append(np.mean(hits))

@@ -15,6 +15,7 @@ model, logged at step 0 as ``pretrain_val_<task>/…``) and during it (``val_<ta
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,8 @@ from cm3leon.training.export import export_trained
 from cm3leon.training.loop import LogCallback, evaluate, train
 from cm3leon.training.run_key import run_key
 from cm3leon.training.sequences import TrainingSequence, collate, sample_numbers
+
+log = logging.getLogger(__name__)
 
 
 def build_examples(
@@ -104,6 +107,9 @@ def finetune(
             f"an SFT example has {longest} tokens; the model's context is {model.shape.max_seq_len}"
         )
     train_config = config.train
+    missing = [t for t in TASKS if not examples["train"][t]]
+    if missing:  # user data without task files: said here, in the metrics and in the report
+        log.warning("no train examples for %s: these tasks are not trained", ", ".join(missing))
     mix = mixture({t: len(examples["train"][t]) for t in TASKS}, config.mixing)
 
     size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
@@ -143,4 +149,5 @@ def finetune(
     return {
         "run_key": key,
         "examples": {s: {t: len(v) for t, v in d.items()} for s, d in examples.items()},
+        "tasks_not_trained": missing,
     }

@@ -7,8 +7,9 @@
 3. the :class:`~cm3leon.tokenizers.vocab.Vocab` joining both;
 4. every document and task row encoded to Vocab ids;
 5. reconstruction quality on the val split: PSNR/MSE, codebook usage and perplexity, mask IoU,
-   and — for ShapeWorld — the parser's attribute agreement on reconstructions, the ceiling for
-   every image task downstream.
+   and — when the corpus has a scene judge (ShapeWorld, :mod:`cm3leon.data.scene_judge`) —
+   the judge's attribute agreement on reconstructions, the ceiling for every image task
+   downstream.
 """
 
 from __future__ import annotations
@@ -23,12 +24,9 @@ import numpy as np
 
 from cm3leon.config import DataConfig, TokenizeConfig
 from cm3leon.data.corpus import SPLITS, decode_images, read_documents, read_task_table
-from cm3leon.data.shapeworld import scene_from_json
+from cm3leon.data.scene_judge import SceneJudge
 from cm3leon.data.shapeworld_parser import (
-    ShapeWorldParser,
     agreement_summary,
-    compare_scene,
-    truth_objects,
 )
 from cm3leon.shards import SERIAL, ShardExecutor, map_rows
 from cm3leon.tasks import TABLE_TASKS
@@ -69,8 +67,10 @@ def tokenize_corpus(
     tokens_dir: str | Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     executor: ShardExecutor = SERIAL,
+    judge: SceneJudge | None = None,
 ) -> TokenizeResult:
     """Run the whole tokenize stage; writes ``vq_dir``, ``text_dir`` and ``tokens_dir``.
+    ``judge``: the corpus's scene judge, for the parser agreement on reconstructions.
 
     Image encoding (documents, edit targets, masks) runs in shards on ``executor``; the
     artifacts are byte-identical whichever executor runs it (:mod:`cm3leon.shards`).
@@ -121,7 +121,7 @@ def tokenize_corpus(
         codes[eval_split],
         masks[eval_split],
         docs[eval_split],
-        data_config,
+        judge,
         config,
         encode,
     )
@@ -233,7 +233,7 @@ def _field_images(raws: list[bytes], channels: int, image_size: int) -> np.ndarr
 
 
 def _val_metrics(
-    model, images, codes, masks, table, data_config: DataConfig, config: TokenizeConfig, encode
+    model, images, codes, masks, table, judge: SceneJudge | None, config: TokenizeConfig, encode
 ):
     reconstructions = decode_codes(model, codes, config.encode_batch_size)
     metrics: dict[str, Any] = {
@@ -247,11 +247,10 @@ def _val_metrics(
             masks, decode_codes(model, mask_codes, config.encode_batch_size)
         )
     objects = table.column("objects").to_pylist()
-    if data_config.source == "shapeworld" and all(o is not None for o in objects):
-        parser = ShapeWorldParser.from_config(data_config.shapeworld, data_config.image_size)
+    if judge is not None and all(o is not None for o in objects):
         agreement = agreement_summary(
             [
-                compare_scene(truth_objects(scene_from_json(o)), parser.parse(r))
+                judge.compare(judge.truth(o), r)
                 for o, r in zip(objects, reconstructions, strict=True)
             ]
         )

@@ -17,6 +17,7 @@ from cm3leon.evaluation.metrics import (
     mask_iou,
     mean_interval,
     normalize_vqa_answer,
+    r_precision_hits,
     vqa_accuracy,
     wilson_interval,
 )
@@ -240,3 +241,20 @@ def test_mean_interval_covers_the_mean() -> None:
     assert high - low == pytest.approx(2 * 1.96 * values.std(ddof=1) / 20, rel=1e-3)
     assert mean_interval([]) == (0.0, 1.0)
     assert mean_interval([1.0, 1.0]) == (1.0, 1.0)
+
+
+def test_r_precision_by_hand_and_duplicate_captions_are_never_distractors():
+    texts = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    images = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, 1.0]])
+    # image 0: own cos 1 > 0.71; image 1: own 0.10 < 0.995 (text 0); image 2: own 1 > 0.71
+    hits, used = r_precision_hits(texts, images, ["a", "b", "c"], 100, np.random.default_rng(0))
+    assert hits.tolist() == [True, False, True] and used == 3  # capped: 3 distinct texts
+    # texts 0 and 1 say the same thing: neither is the other's distractor, so only 2 candidates
+    hits, used = r_precision_hits(texts, images, ["a", "a", "c"], 100, np.random.default_rng(0))
+    assert hits.tolist() == [True, False, True] and used == 2
+    tie = r_precision_hits(
+        texts[:2], np.array([[1.0, 1.0], [1.0, 1.0]]), ["a", "b"], 2, np.random.default_rng(0)
+    )[0]
+    assert tie.tolist() == [False, False]  # a tie with a distractor is a miss
+    with pytest.raises(ValueError, match="two distinct texts"):
+        r_precision_hits(texts[:2], images[:2], ["a", "a"], 10, np.random.default_rng(0))

@@ -19,6 +19,7 @@ from cm3leon.config import (
     VQTrainConfig,
 )
 from cm3leon.data.prepare import prepare_corpus
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.retrieval.dual_encoder import load_dual_encoder
 from cm3leon.retrieval.faiss_index import MemoryBankError, load_index, search
 from cm3leon.retrieval.memory_bank import build_memory_bank, load_split
@@ -60,6 +61,7 @@ def built(tmp_path_factory):
         root / "retriever",
         root / "retrieval",
         on_log=lambda s, m: logs.append(m["loss"]),
+        judge=load_judge(root / "corpus"),
     )
     return root, metrics, logs
 

@@ -13,6 +13,7 @@ from cm3leon.config import (
 )
 from cm3leon.data.corpus import read_documents, read_task_table
 from cm3leon.data.prepare import prepare_corpus
+from cm3leon.data.scene_judge import load_judge
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import load_text_tokenizer
@@ -54,6 +55,7 @@ def run(tmp_path_factory):
         root / "text",
         root / "tokens",
         on_log=lambda step, m: logs.append(step),
+        judge=load_judge(root / "corpus"),
     )
     return root, result, logs
 
