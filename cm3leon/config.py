@@ -448,6 +448,10 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     checkpoint_every: int = 100  # resumable checkpoints in the scratch folder
+    # Every sequence of an optimizer step comes from one length group, so a batch pads little:
+    # pretraining draws the neighbor count once per step, SFT the image count of its tasks.
+    # The marginal distribution of samples is unchanged (README, Pretraining).
+    length_grouping: bool = False
 
     def __post_init__(self) -> None:
         # One dataclass serves two sections, so its keys are relative: from_mapping prefixes

@@ -93,6 +93,12 @@ class TaskSpec:
         return tuple(re.findall(r"\{(\w+)\}", self.templates[0].split("<output>")[0]))
 
     @property
+    def image_count(self) -> int:
+        """Images in an example (input and output): what mostly sets its length, and so the
+        length group of SFT's ``train.length_grouping``."""
+        return len(re.findall(r"<image:(\w+)>", self.templates[0]))
+
+    @property
     def input_images(self) -> tuple[str, ...]:
         """Image slots the prompt holds (before ``<output>`` in the first phrasing)."""
         return tuple(re.findall(r"<image:(\w+)>", self.templates[0].split("<output>")[0]))

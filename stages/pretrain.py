@@ -14,6 +14,7 @@ with `retrieval_k_max` forced to 0 and the steps raised until it sees as many tr
 """
 
 import argparse
+import os
 import sys
 
 from stage_runtime import StageRun, run_stage
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         config = params.pretrain
         if args.no_retrieval:
-            config = equal_compute_baseline(args.tokens, args.retrieval, config, params.base.seed)
+            world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / deepspeed
+            config = equal_compute_baseline(
+                args.tokens, args.retrieval, config, params.base.seed, world
+            )
             print(f"pretrain: no-retrieval baseline, {config.train.steps} steps", flush=True)
         facts = pretrain(
             args.tokens,

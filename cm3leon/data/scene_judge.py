@@ -53,13 +53,10 @@ class SceneJudge:
 
     ``parse(image)`` reads an ``(H, W, 3)`` uint8 image into objects; ``parse_caption(text)``
     reads a caption the same way; ``truth(objects_json)`` gives a corpus row's true objects;
-    ``compare(truth, parsed)`` the per-attribute agreement."""
+    ``compare(truth, parsed)`` the per-attribute agreement. The grid and the attribute
+    vocabularies are the parser's."""
 
     parser: ShapeWorldParser
-    grid_size: int
-    shapes: tuple[str, ...]
-    colors: tuple[str, ...]
-    sizes: tuple[str, ...]
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any], where: str = "judge") -> SceneJudge:
@@ -79,19 +76,14 @@ class SceneJudge:
             # the same tolerance as ShapeWorldParser.from_config: one pixel beyond the jitter
             max_offset=int(entry["position_jitter"]) + 1,
         )
-        return cls(
-            parser,
-            int(entry["grid_size"]),
-            tuple(entry["shapes"]),
-            tuple(entry["colors"]),
-            tuple(entry["sizes"]),
-        )
+        return cls(parser)
 
     def parse(self, image: np.ndarray) -> list[ParsedObject]:
         return self.parser.parse(image)
 
     def parse_caption(self, text: str) -> list:
-        return parse_caption(text, self.grid_size, self.shapes, self.colors, self.sizes)
+        p = self.parser
+        return parse_caption(text, p.grid_size, p.shapes, p.colors, p.sizes)
 
     @staticmethod
     def truth(objects_json: str) -> list:

@@ -64,7 +64,7 @@ class ShapeWorldParser:
     ) -> None:
         self.image_size = image_size
         self.grid_size = grid_size
-        self.colors = tuple(colors)
+        self.shapes, self.colors, self.sizes = tuple(shapes), tuple(colors), tuple(sizes)
         self.palette = np.asarray([COLORS[c] for c in self.colors], dtype=np.float64)  # (C, 3)
         edges = np.rint(np.linspace(0, image_size, grid_size + 1)).astype(int)
         self.windows = [

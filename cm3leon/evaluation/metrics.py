@@ -376,10 +376,10 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float 
     return float(value)
 
 
-def clip_score(
+def clip_scores(
     text_embeddings: np.ndarray, image_embeddings: np.ndarray, weight: float = 2.5
-) -> float:
-    """CLIPScore (Hessel et al. 2021): mean over pairs of ``weight * max(cos(t_i, v_i), 0)``.
+) -> np.ndarray:
+    """Per-pair CLIPScore (Hessel et al. 2021), ``weight * max(cos(t_i, v_i), 0)``, shape (N,).
 
     Inputs are (N, D) arrays whose row ``i`` pair up; rows are L2-normalized here. Raises
     ``ValueError`` for mismatched shapes, no rows, or an all-zero row.
@@ -395,7 +395,14 @@ def clip_score(
     if (t_norm == 0).any() or (v_norm == 0).any():
         raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined")
     cos = np.sum(t * v, axis=1) / (t_norm * v_norm)
-    return float(np.mean(weight * np.maximum(cos, 0.0)))
+    return weight * np.maximum(cos, 0.0)
+
+
+def clip_score(
+    text_embeddings: np.ndarray, image_embeddings: np.ndarray, weight: float = 2.5
+) -> float:
+    """CLIPScore: the mean of :func:`clip_scores` over the pairs."""
+    return float(np.mean(clip_scores(text_embeddings, image_embeddings, weight)))
 
 
 def r_precision_hits(
@@ -461,12 +468,20 @@ def wilson_interval(successes: float, trials: int, z: float = 1.959964) -> tuple
     return float(max(center - half, 0.0)), float(min(center + half, 1.0))
 
 
-def mean_interval(values: Sequence[float], z: float = 1.959964) -> tuple[float, float]:
-    """Normal-approximation 95% interval of a mean of scores in ``[0, 1]`` (e.g. mask IoUs),
-    ``mean +- z s / sqrt(n)``, clipped to ``[0, 1]``; ``(0, 1)`` without values."""
+def mean_interval(
+    values: Sequence[float],
+    z: float = 1.959964,
+    bounds: tuple[float, float] | None = (0.0, 1.0),
+) -> tuple[float, float]:
+    """Normal-approximation 95% interval of a mean, ``mean +- z s / sqrt(n)``, clipped to
+    ``bounds`` (default ``[0, 1]``, e.g. mask IoUs; ``None``: any scale, e.g. CLIPScore).
+    Without values: ``bounds`` (``(0, 1)``); one value: half-width 1 on ``[0, 1]``, else 0."""
     if len(values) == 0:
-        return 0.0, 1.0
+        return bounds if bounds is not None else (float("nan"), float("nan"))
     array = np.asarray(values, dtype=np.float64)
     mean = float(array.mean())
+    if bounds is None:
+        half = z * float(array.std(ddof=1)) / np.sqrt(len(array)) if len(array) > 1 else 0.0
+        return mean - half, mean + half
     half = z * float(array.std(ddof=1)) / np.sqrt(len(array)) if len(array) > 1 else 1.0
-    return max(mean - half, 0.0), min(mean + half, 1.0)
+    return max(mean - half, bounds[0]), min(mean + half, bounds[1])

@@ -43,6 +43,7 @@ from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.evaluation.metrics import (
     binarize_mask,
     caption_scores,
+    clip_scores,
     frechet_distance,
     mask_iou,
     mean_interval,
@@ -211,9 +212,9 @@ def image_metrics(
         text_emb = _caption_embeddings(model, rows)
         image_emb = model.retriever.embed_image(images)
         metrics.update(_r_precision(text_emb, image_emb, rows, seed))
-        clip = _clip_scores(text_emb, image_emb)
+        clip = clip_scores(text_emb, image_emb)
         metrics["clip_score_dual_encoder"] = float(np.mean(clip))
-        metrics["clip_score_dual_encoder_ci95"] = _mean_interval(clip)
+        metrics["clip_score_dual_encoder_ci95"] = mean_interval(clip, bounds=None)
     return metrics, records
 
 
@@ -267,24 +268,6 @@ def _r_precision(text_emb, image_emb, rows, seed: int, prefix: str = "") -> dict
     }
 
 
-def _clip_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> np.ndarray:
-    """Per-pair CLIPScore, ``2.5 max(cos, 0)`` (the mean is :func:`metrics.clip_score`)."""
-    t = np.asarray(text_emb, np.float64)
-    v = np.asarray(image_emb, np.float64)
-    t = t / np.linalg.norm(t, axis=1, keepdims=True)
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return 2.5 * np.maximum(np.sum(t * v, axis=1), 0.0)
-
-
-def _mean_interval(values: np.ndarray) -> tuple[float, float]:
-    """95% normal interval of a mean on any scale (CLIPScore is in [0, 2.5])."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, mean
-    half = 1.959964 * float(np.std(values, ddof=1)) / np.sqrt(len(values))
-    return mean - half, mean + half
-
-
 def feature_metrics(model, documents, generated, real_pixels, seed: int = 0) -> dict[str, Any]:
     """FID, CLIPScore and R-precision in the *dual encoder's* feature space (not Inception's)
     for the ``(N, H, W, 3)`` images generated for ``documents``, and the same three for the
@@ -295,12 +278,12 @@ def feature_metrics(model, documents, generated, real_pixels, seed: int = 0) -> 
     own_emb = model.retriever.embed_image(real_own)
     real_emb = model.retriever.embed_image(real_pixels)
     text_emb = _caption_embeddings(model, documents)
-    clip_real = _clip_scores(text_emb, own_emb)
+    clip_real = clip_scores(text_emb, own_emb)
     out = {
         "fid_dual_encoder": frechet_distance(image_emb, real_emb),
         "real_fid_dual_encoder": frechet_distance(own_emb, real_emb),
         "real_clip_score_dual_encoder": float(np.mean(clip_real)),
-        "real_clip_score_dual_encoder_ci95": _mean_interval(clip_real),
+        "real_clip_score_dual_encoder_ci95": mean_interval(clip_real, bounds=None),
     }
     if len(documents) > 1:
         out.update(_r_precision(text_emb, own_emb, documents, seed, prefix="real_"))

@@ -5,7 +5,8 @@ Examples come from the tokens artifact, one list per task of the registry
 grounding and segmentation from the tokenized task tables, each rendered with its
 instruction template (:mod:`cm3leon.tokenizers.templates`) and preceded by ``<bos>``. A task belongs
 to the split of the image it is about. Training samples draw a task by the mixing weights and
-then an example (:mod:`cm3leon.sft.mixing`), keyed by the global sample number, and go through
+then an example (:mod:`cm3leon.sft.mixing`; with ``train.length_grouping`` a step first draws
+tasks of one image count), keyed by the global sample number, and go through
 the same DeepSpeed loop, resume and export as pretraining (:mod:`cm3leon.training.loop`).
 
 Validation reports loss per task on its val examples — before fine-tuning (the pretrained
@@ -110,13 +111,19 @@ def finetune(
     missing = [t for t in TASKS if not examples["train"][t]]
     if missing:  # user data without task files: said here, in the metrics and in the report
         log.warning("no train examples for %s: these tasks are not trained", ", ".join(missing))
-    mix = mixture({t: len(examples["train"][t]) for t in TASKS}, config.mixing)
+    groups = {t: spec.image_count for t, spec in TASKS.items()}
+    mix = mixture(
+        {t: len(examples["train"][t]) for t in TASKS},
+        config.mixing,
+        groups if train_config.length_grouping else None,
+    )
 
     size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
 
     def batch_for(step: int, micro: int, rank: int, world: int):
         numbers = sample_numbers(step, micro, rank, world, size, accumulation)
-        picks = [mix.sample(n, seed) for n in numbers]
+        group = mix.group_of(step, seed)
+        picks = [mix.sample(n, seed, group) for n in numbers]
         return collate([examples["train"][t][i] for t, i in picks], vocab.pad)
 
     validation = {}

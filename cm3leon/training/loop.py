@@ -8,7 +8,8 @@ Used by pretraining and SFT alike; what differs between them is only which batch
 - resumes from the newest DeepSpeed checkpoint in ``checkpoint_dir`` — the batches of a step are
   a pure function of the step number, so a resumed run continues exactly where it stopped;
 - computes the weighted next-token loss (per-token weights come with each batch);
-- logs train loss, learning rate, tokens/s and tokens seen (kept in the checkpoint) every
+- logs train loss, learning rate, tokens/s, tokens seen (kept in the checkpoint) and the useful
+  share of the positions computed (weighted targets over padded batch slots) every
   ``log_every`` steps, and validation loss and perplexity — on text tokens, image tokens and
   the query documents — every ``eval_every`` steps and at the end, through a callback that
   runs on rank 0 only;
@@ -110,7 +111,7 @@ def train(
         for name, batches in validation.items():
             metrics = evaluate(engine, batches, vocab, device)
             _log(on_log, rank, start, {f"{name}/{k}": v for k, v in metrics.items()})
-    tokens, window_start = 0, time.perf_counter()
+    tokens, slots, window_start = 0, 0, time.perf_counter()
     progress = _Progress(desc, start, config.steps, rank)
     for step in range(start, config.steps):
         engine.train()
@@ -123,6 +124,7 @@ def train(
             losses.append(loss.item())
             tokens += batch.tokens * world
             seen += batch.tokens * world
+            slots += batch.inputs.numel() * world
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
@@ -131,10 +133,12 @@ def train(
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/tokens_per_second": tokens / max(elapsed, 1e-9),
                 "train/tokens_seen": float(seen),
+                # weighted targets / positions computed: what padding leaves of the compute
+                "train/useful_token_fraction": tokens / max(slots, 1),
             }
             _log(on_log, rank, done, logged)
             progress.train(logged)
-            tokens, window_start = 0, time.perf_counter()
+            tokens, slots, window_start = 0, 0, time.perf_counter()
         progress.step(done)
         if done % config.eval_every == 0 or done == config.steps:
             val = {}

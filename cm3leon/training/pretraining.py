@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from cm3leon.config import PretrainConfig
+from cm3leon.config import PretrainConfig, TrainConfig
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.tokens import check_tokens, read_split
 from cm3leon.tokenizers.vocab import Vocab
@@ -77,27 +77,44 @@ def equal_compute_baseline(
     retrieval_dir: str | Path,
     config: PretrainConfig,
     seed: int,
+    world: int = 1,
     probe: int = 4096,
 ) -> PretrainConfig:
     """The no-retrieval baseline of the retrieval study at *equal compute*: ``config`` with
     ``retrieval_k_max = 0`` and as many more steps as it takes to see the same number of
-    training tokens. The ratio is measured on the first ``probe`` training samples of both
-    runs' own streams (deterministic: a sample is a pure function of the seed and its number),
-    so it follows the data and the retrieval params; warmup stays as configured."""
+    training tokens. The retrieval-augmented run's tokens are counted over its whole stream
+    (``world`` processes; deterministic: a sample is a pure function of the seed and its
+    number), the baseline's per sample on the first ``probe`` samples of its own stream, so the
+    ratio follows the data, the retrieval params and the per-step neighbor counts of
+    ``train.length_grouping``; warmup stays as configured."""
     baseline = dataclasses.replace(config, retrieval_k_max=0)
     max_seq_len = config.model.shape()["max_seq_len"]
-    tokens = []
-    for setting in (config, baseline):
+    per_step = step_samples(config.train, world)
+    grouped = per_step if config.train.length_grouping else None
+    counts = []
+    for setting, samples in ((config, config.train.steps * per_step), (baseline, probe)):
         _, train, _ = _sequences(tokens_dir, retrieval_dir, setting, seed, max_seq_len)
-        samples = (train_sample(train, n, seed) for n in range(probe))
-        tokens.append(sum(sum(w > 0 for w in s.weights) for s in samples))
-    steps = max(1, round(config.train.steps * tokens[0] / max(tokens[1], 1)))
+        built = (train_sample(train, n, seed, grouped) for n in range(samples))
+        counts.append(sum(sum(w > 0 for w in s.weights) for s in built) / samples)
+    steps = max(1, round(config.train.steps * counts[0] / max(counts[1], 1e-9)))
     return dataclasses.replace(baseline, train=dataclasses.replace(config.train, steps=steps))
 
 
-def train_sample(sequences: RetrievalAugmentedSequences, n: int, seed: int) -> TrainingSequence:
-    """Global training sample number ``n`` of a pretraining run (:func:`document_of`)."""
-    return sequences.build(document_of(n, len(sequences), seed), sample=n)
+def step_samples(train_config: TrainConfig, world: int) -> int:
+    """Samples per optimizer step: micro-batch x processes x accumulation."""
+    return train_config.micro_batch_size * world * train_config.gradient_accumulation_steps
+
+
+def train_sample(
+    sequences: RetrievalAugmentedSequences, n: int, seed: int, per_step: int | None = None
+) -> TrainingSequence:
+    """Global training sample number ``n`` of a pretraining run (:func:`document_of`).
+
+    ``per_step``: the samples per optimizer step (:func:`step_samples`) when
+    ``train.length_grouping`` draws one neighbor count per step; ``None`` draws it per sample.
+    Either way the count of a sample is a pure function of the seed and ``n``."""
+    k = None if per_step is None else sequences.neighbor_count(n // per_step)
+    return sequences.build(document_of(n, len(sequences), seed), k=k, sample=n)
 
 
 def _sequences(tokens_dir, retrieval_dir, config: PretrainConfig, seed: int, max_seq_len: int):
@@ -150,13 +167,14 @@ def pretrain(
         tokens_dir, retrieval_dir, config, seed, shape.max_seq_len
     )
     train_config = config.train
-    size = train_config.micro_batch_size
+    size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
+    grouped = step_samples(train_config, process.world) if train_config.length_grouping else None
 
     def batch_for(step: int, micro: int, rank: int, world: int):
-        numbers = sample_numbers(
-            step, micro, rank, world, size, train_config.gradient_accumulation_steps
+        numbers = sample_numbers(step, micro, rank, world, size, accumulation)
+        return collate(
+            [train_sample(train_sequences, n, seed, grouped) for n in numbers], vocab.pad
         )
-        return collate([train_sample(train_sequences, n, seed) for n in numbers], vocab.pad)
 
     validation = {"val": _validation_batches(val_sequences, config, train_config)}
     torch.manual_seed(seed)

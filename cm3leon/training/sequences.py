@@ -6,7 +6,9 @@ A training sequence for document ``d`` with retrieved neighbors ``r1..rk``::
 
 where each document is ``caption <break> image`` (:mod:`cm3leon.tokenizers.document`), ``k``
 is drawn uniformly from ``0..retrieval_k_max`` per sample (RA-CM3's sampling; capped by the
-neighbors the index stage found), and CM3 masks spans of the query document only
+neighbors the index stage found) or, with ``train.length_grouping``, once per optimizer step
+(:meth:`RetrievalAugmentedSequences.neighbor_count`: the same marginal, but a step's sequences
+then have about one length and pad little), and CM3 masks spans of the query document only
 (:mod:`cm3leon.model.cm3`). Each token carries the loss weight for *predicting* it: 0 for
 ``<bos>`` and CM3 sentinels, ``retrieved_loss_weight`` inside retrieved documents (CM3Leon uses
 the query's weight, 1), 1 elsewhere. If a sequence is longer than the model's context,
@@ -95,7 +97,6 @@ class RetrievalAugmentedSequences:
         vocab, config = self.vocab, self.config
         key = index if sample is None else sample
         query_rng = np.random.default_rng([self.seed, 1, key])
-        context_rng = np.random.default_rng([self.seed, 2, key])
         document = self.documents[index]
         caption = self._caption(document, query_rng if augment else None)
         masked = cm3_mask_spans(
@@ -112,7 +113,7 @@ class RetrievalAugmentedSequences:
             )
         available = list(self.neighbors[index])
         if k is None:
-            k = int(context_rng.integers(0, config.retrieval_k_max + 1))
+            k = self.neighbor_count(key)
         context_ids: list[int] = []
         context_weights: list[float] = []
         context_cells: list[int] = []
@@ -131,6 +132,12 @@ class RetrievalAugmentedSequences:
             query_start=1 + len(context_ids),
             cells=[0, *context_cells, *query_cells],
         )
+
+    def neighbor_count(self, key: int) -> int:
+        """``k ~ uniform{0..retrieval_k_max}`` drawn for ``key``: a sample number, or an
+        optimizer step when a step's sequences share one count (``train.length_grouping``)."""
+        rng = np.random.default_rng([self.seed, 2, key])
+        return int(rng.integers(0, self.config.retrieval_k_max + 1))
 
     def _caption(self, document: TokenDocument, rng: np.random.Generator | None) -> tuple:
         if rng is None or not self.config.paraphrase_augment:

@@ -13,6 +13,7 @@ from cm3leon.evaluation.metrics import (
     caption_scores,
     caption_tokens,
     clip_score,
+    clip_scores,
     frechet_distance,
     mask_iou,
     mean_interval,
@@ -207,6 +208,9 @@ def test_clip_score() -> None:
     assert clip_score(t, v, weight=1.0) == pytest.approx((1 / math.sqrt(2) + 1) / 2)
     with pytest.raises(ValueError):
         clip_score(np.eye(3), np.eye(2))
+    per_pair = clip_scores(t, v)  # what the evaluation's interval is taken over
+    assert per_pair == pytest.approx([2.5 / math.sqrt(2), 2.5])
+    assert clip_score(t, v) == pytest.approx(per_pair.mean())
 
 
 # ------------------------------------------------------------------------------ masks
@@ -241,6 +245,10 @@ def test_mean_interval_covers_the_mean() -> None:
     assert high - low == pytest.approx(2 * 1.96 * values.std(ddof=1) / 20, rel=1e-3)
     assert mean_interval([]) == (0.0, 1.0)
     assert mean_interval([1.0, 1.0]) == (1.0, 1.0)
+    # Unbounded (CLIPScore is in [0, 2.5]): not clipped to [0, 1]; one value has no spread.
+    low, high = mean_interval([2.0, 2.4], bounds=None)
+    assert low < 2.2 < high and high > 1.0
+    assert mean_interval([2.2], bounds=None) == (2.2, 2.2)
 
 
 def test_r_precision_by_hand_and_duplicate_captions_are_never_distractors():

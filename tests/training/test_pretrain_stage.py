@@ -37,6 +37,7 @@ from cm3leon.training.pretraining import (
     equal_compute_baseline,
     load_documents,
     load_neighbors,
+    step_samples,
     train_sample,
 )
 from cm3leon.training.run_key import run_key
@@ -165,8 +166,11 @@ def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
         "train/lr",
         "train/tokens_per_second",
         "train/tokens_seen",
+        "train/useful_token_fraction",
     ):
         assert (tmp_path / "live/plots/metrics" / f"{name}.tsv").is_file(), name
+    useful = (tmp_path / "live/plots/metrics/train/useful_token_fraction.tsv").read_text()
+    assert all(0 < float(line.split("\t")[-1]) <= 1 for line in useful.splitlines()[1:])
 
 
 def test_image_positions_export_a_shape_with_image_cells(inputs, tmp_path):
@@ -196,7 +200,10 @@ def test_no_retrieval_baseline_sees_as_many_tokens(inputs):
     def tokens_seen(setting) -> int:
         built = RetrievalAugmentedSequences(docs, neighbors, docs, vocab, setting, 384, 3)
         samples = setting.train.steps * setting.train.micro_batch_size
-        return sum(sum(w > 0 for w in train_sample(built, n, 3).weights) for n in range(samples))
+        per_step = step_samples(setting.train, 1) if setting.train.length_grouping else None
+        return sum(
+            sum(w > 0 for w in train_sample(built, n, 3, per_step).weights) for n in range(samples)
+        )
 
     assert tokens_seen(baseline) == pytest.approx(tokens_seen(config), rel=0.02)
 

@@ -7,10 +7,12 @@ from cm3leon.config import CM3Config, PretrainConfig
 from cm3leon.model.cm3 import cm3_unmask
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.loop import weighted_loss
+from cm3leon.training.pretraining import train_sample
 from cm3leon.training.sequences import (
     RetrievalAugmentedSequences,
     TokenDocument,
     collate,
+    document_of,
     sample_indices,
 )
 
@@ -166,3 +168,24 @@ def test_cells_follow_image_tokens_through_cm3_spans():
     batch = collate([s, sequences().build(1, k=1, augment=False)], VOCAB.pad)
     assert batch.cells.shape == batch.inputs.shape
     assert batch.cells[0, : len(s.ids) - 1].tolist() == s.cells[:-1]
+
+
+def test_length_grouping_draws_one_neighbor_count_per_step_with_the_same_marginal():
+    built = RetrievalAugmentedSequences(
+        DOCS * 50, NEIGHBORS * 50, BANK, VOCAB, PretrainConfig(), max_seq_len=64, seed=5
+    )
+    per_step, steps, seen = 4, 600, []
+    for step in range(steps):
+        k = built.neighbor_count(step)
+        seen.append(k)
+        for n in range(step * per_step, (step + 1) * per_step):
+            s = train_sample(built, n, 5, per_step)
+            available = len(NEIGHBORS[document_of(n, len(built), 5) % 2])
+            assert s.ids[: s.query_start].count(VOCAB.eos) == min(k, available)
+            assert train_sample(built, n, 5, per_step).ids == s.ids  # a pure function of n
+    assert all(abs(seen.count(k) / steps - 1 / 3) < 0.06 for k in (0, 1, 2))  # uniform{0..2}
+    # Without grouping each sample draws its own count, keyed by its number (the old stream).
+    for n in range(40):
+        s = train_sample(built, n, 5)
+        available = len(NEIGHBORS[document_of(n, len(built), 5) % 2])
+        assert s.ids[: s.query_start].count(VOCAB.eos) == min(built.neighbor_count(n), available)
