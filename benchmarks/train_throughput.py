@@ -192,9 +192,9 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 (GPU only): autocast / DS bf16")
     parser.add_argument(
         "--zero-stage",
-        default=f"{TrainConfig().zero_stage},0",
+        default=f"{TrainConfig().zero_stage},0,1",
         help="DeepSpeed ZeRO stage(s), comma-separated; the first one gives the verdicts "
-        "(default: the pipeline's train.zero_stage, then stage 0 for comparison)",
+        "(default: the pipeline's train.zero_stage, then stages 0 and 1 for comparison)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers loop")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop")

@@ -436,7 +436,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps
     micro_batch_size: int = 16  # sequences per process per forward
     gradient_accumulation_steps: int = 1
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0..3 (0: one process has nothing to partition)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     lr: float = 0.003
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
