@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
+
+from cm3leon.training.throughput import matmul_peak_flops, timed
+
+__all__ = ["describe_machine", "matmul_peak_flops", "save_result", "timed"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,39 +37,6 @@ def describe_machine() -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-
-
-def timed(fn, min_seconds: float = 1.0, min_repeats: int = 3) -> float:
-    """Seconds per call of ``fn``: best of repeated timing windows after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(min_repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds / min_repeats:
-                break
-        best = min(best, elapsed / calls)
-    return best
-
-
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Best sustained FLOP/s of square matmuls (the denominator of every MFU figure here)."""
-    results = {}
-    for n in (512, 1024, 2048) if device == "cpu" else (4096, 8192):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-
-        def run(a=a, b=b):
-            torch.mm(a, b)
-            if device != "cpu":
-                torch.cuda.synchronize()
-
-        results[n] = 2 * n**3 / timed(run)
-    best = max(results, key=results.get)
-    return {"peak_flops": results[best], "at_size": best, "by_size": results}
 
 
 def save_result(name: str, payload: dict) -> Path:

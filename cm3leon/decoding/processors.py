@@ -24,6 +24,7 @@ says whether it takes the unconditional stream as a second argument.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,12 @@ class ContrastiveDecodingK:
         log_cond = torch.log_softmax(cond.float(), dim=-1)  # (B, V)
         log_uncond = torch.log_softmax(uncond.float(), dim=-1)
         k = min(self.k, cond.shape[-1])
-        kth = log_cond.topk(k, dim=-1).values[:, -1:]  # (B, 1) log of the k-th largest p_cond
-        head = log_cond >= kth + torch.log(torch.tensor(self.alpha)) if self.alpha > 0 else None
+        # The head on the raw logits: p(x) >= alpha p_k  <=>  cond(x) >= cond_k + log(alpha),
+        # the normalizer cancels. On log-probabilities, rounding x - logsumexp would merge
+        # logits closer than its spacing into ties and widen the head (HF top-k parity tests).
+        logits = cond.float()
+        kth = logits.topk(k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        head = logits >= kth + math.log(self.alpha) if self.alpha > 0 else None
         score = log_cond - torch.where(torch.isneginf(log_uncond), 0.0, log_uncond)
         if head is not None:
             score = score.masked_fill(~head, NEG_INF)
@@ -125,7 +130,9 @@ class TopP:
         if self.p >= 1:
             return scores
         sorted_scores, order = scores.sort(dim=-1, descending=True)  # (B, V)
-        probs = torch.softmax(sorted_scores.float(), dim=-1)
+        # float64: with float32 sums the mass before a tail token carries ~1e-7 of rounding,
+        # which decides ties with p near 1 (HF parity tests compare against exact sums).
+        probs = torch.softmax(sorted_scores.double(), dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
         drop_sorted = before >= self.p  # the minimal set reaching p keeps its last token
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)

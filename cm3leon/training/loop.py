@@ -8,8 +8,11 @@ Used by pretraining and SFT alike; what differs between them is only which batch
 - resumes from the newest DeepSpeed checkpoint in ``checkpoint_dir`` — the batches of a step are
   a pure function of the step number, so a resumed run continues exactly where it stopped;
 - computes the weighted next-token loss (per-token weights come with each batch);
-- logs train loss, learning rate, tokens/s, tokens seen (kept in the checkpoint) and the useful
-  share of the positions computed (weighted targets over padded batch slots) every
+- logs train loss, learning rate, tokens/s, tokens seen (kept in the checkpoint), the useful
+  share of the positions computed (weighted targets over padded batch slots) and the useful-
+  token MFU (the model FLOPs of the weighted targets per second over the matmul peak that
+  :func:`~cm3leon.training.throughput.matmul_peak_flops` measures once at the start, in the
+  training dtype; padding, evaluation, logging and checkpoints all count against it) every
   ``log_every`` steps, and validation loss and perplexity — on text tokens, image tokens and
   the query documents — every ``eval_every`` steps and at the end, through a callback that
   runs on rank 0 only;
@@ -45,6 +48,7 @@ from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import Process, deepspeed_config, use_bf16
 from cm3leon.training.sequences import Batch
+from cm3leon.training.throughput import matmul_peak_flops
 
 LogCallback = Callable[[int, dict[str, float]], None]
 
@@ -111,7 +115,12 @@ def train(
         for name, batches in validation.items():
             metrics = evaluate(engine, batches, vocab, device)
             _log(on_log, rank, start, {f"{name}/{k}": v for k, v in metrics.items()})
-    tokens, slots, window_start = 0, 0, time.perf_counter()
+    flops_per_token = getattr(engine.module, "flops_per_token", None)  # DecoderLM's
+    peak = None
+    if rank == 0 and flops_per_token is not None:
+        dtype = torch.bfloat16 if use_bf16(config) else torch.float32
+        peak = matmul_peak_flops(device.type, dtype, min_seconds=0.5)["peak_flops"]
+    tokens, slots, flops, window_start = 0, 0, 0.0, time.perf_counter()
     progress = _Progress(desc, start, config.steps, rank)
     for step in range(start, config.steps):
         engine.train()
@@ -125,6 +134,8 @@ def train(
             tokens += batch.tokens * world
             seen += batch.tokens * world
             slots += batch.inputs.numel() * world
+            if peak is not None:
+                flops += batch.tokens * world * flops_per_token(batch.inputs.shape[1])
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
@@ -136,9 +147,11 @@ def train(
                 # weighted targets / positions computed: what padding leaves of the compute
                 "train/useful_token_fraction": tokens / max(slots, 1),
             }
+            if peak is not None:
+                logged["train/mfu"] = flops / max(elapsed, 1e-9) / peak
             _log(on_log, rank, done, logged)
             progress.train(logged)
-            tokens, slots, window_start = 0, 0, time.perf_counter()
+            tokens, slots, flops, window_start = 0, 0, 0.0, time.perf_counter()
         progress.step(done)
         if done % config.eval_every == 0 or done == config.steps:
             val = {}

@@ -167,10 +167,15 @@ def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
         "train/tokens_per_second",
         "train/tokens_seen",
         "train/useful_token_fraction",
+        "train/mfu",
     ):
         assert (tmp_path / "live/plots/metrics" / f"{name}.tsv").is_file(), name
     useful = (tmp_path / "live/plots/metrics/train/useful_token_fraction.tsv").read_text()
     assert all(0 < float(line.split("\t")[-1]) <= 1 for line in useful.splitlines()[1:])
+    # model FLOPs of the targets over the measured matmul peak: a fraction, and the tiny test
+    # model with its evaluations and checkpoints every few steps is far from the peak
+    mfu = (tmp_path / "live/plots/metrics/train/mfu.tsv").read_text()
+    assert all(0 < float(line.split("\t")[-1]) < 0.9 for line in mfu.splitlines()[1:])
 
 
 def test_image_positions_export_a_shape_with_image_cells(inputs, tmp_path):
