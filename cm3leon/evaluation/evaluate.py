@@ -140,6 +140,7 @@ def evaluate(
 
     prompts = test.documents[: config.studies.prompts]
     study = config.studies
+    study_samples = max(2, decoding.samples // 2)  # per prompt in the CFG and retrieval studies
     tables: dict[str, list[dict]] = {}
     tick = time.perf_counter()
     tables["cfg_weight"] = studies.cfg_study(
@@ -149,7 +150,7 @@ def evaluate(
         decoding,
         study.cfg_weights,
         study.strategies,
-        max(2, decoding.samples // 2),
+        study_samples,
         config.sft_retrieved,
         seed,
     )
@@ -159,7 +160,7 @@ def evaluate(
         sft, prompts, judge, decoding, study.samples, config.sft_retrieved, seed
     )
     tables["retrieved_docs"] = studies.retrieval_study(
-        pretrain, prompts, judge, decoding, study.retrieved, seed
+        pretrain, prompts, judge, decoding, study.retrieved, study_samples, seed
     )
     log(f"samples and retrieval studies ({time.perf_counter() - tick:.0f}s)")
     judged = judge is not None
