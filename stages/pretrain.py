@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             config = equal_compute_baseline(
                 args.tokens, args.retrieval, config, params.base.seed, world
             )
-            print(f"pretrain: no-retrieval baseline, {config.train.steps} steps", flush=True)
+            print(
+                f"pretrain: no-retrieval baseline, {config.train.steps} steps of "
+                f"{config.train.micro_batch_size} documents per process",
+                flush=True,
+            )
         facts = pretrain(
             args.tokens,
             args.retrieval,

@@ -78,6 +78,12 @@ def check_evaluate_outputs(root):
         assert len(tasks["captioning"]["attribute_exact_match_ci95"]) == 2
         assert len(tasks["segmentation"]["mean_iou_ci95"]) == 2
     assert "text_to_image" in metrics["pretrain_no_retrieval"]
+    for model in ("pretrain", "sft"):  # CM3 infilling of the middle image rows, and a baseline
+        infilling = metrics["infilling"][model]
+        assert infilling["examples"] == 6 and infilling["masked_rows"] == [2, 6]
+        for key in ("accuracy", "spliced_accuracy", "region_mse", "similarity_dual_encoder"):
+            low, high = infilling[f"{key}_ci95"]
+            assert low <= infilling[key] <= high, key
     eval_dir = root / "reports/eval"
     cfg_rows = list(csv.DictReader((eval_dir / "tables/cfg_weight.csv").open()))
     assert all(float(r["accuracy_low"]) <= float(r["accuracy"]) for r in cfg_rows)
@@ -105,6 +111,7 @@ def check_evaluate_outputs(root):
     captions = json.loads((eval_dir / "predictions/sft_captions.json").read_text())
     assert len(captions) == 6 and set(captions[0]) == {"image_id", "caption"}  # COCO results
     assert (eval_dir / "samples/sft_text_to_image.png").is_file()
+    assert (eval_dir / "samples/infilling.png").is_file()
 
 
 def check_model_commands(root):

@@ -10,6 +10,7 @@ baseline — and writes ``out_dir`` atomically::
     plots/<study>.png                 the same tables as figures
     samples/<model>_text_to_image.png prompts' true image, then the model's samples (grid)
     samples/tasks.png                 three rows per image task: input, pretrain, SFT
+    samples/infilling.png             true images, then each model's infilled middle rows
     generations/<model>/<task>/*.png  every generated image, one PNG each, and manifest.json
                                       (prompt, correctness, retrieved documents, strategy, seed)
     predictions/<model>_captions.json COCO caption results format [{"image_id", "caption"}]
@@ -45,6 +46,7 @@ from cm3leon.config import EvaluateConfig
 from cm3leon.data.scene_judge import load_judge
 from cm3leon.evaluation import studies
 from cm3leon.evaluation.inception import inception_features, load_inception
+from cm3leon.evaluation.infilling import infilling_metrics
 from cm3leon.evaluation.metrics import frechet_distance
 from cm3leon.evaluation.tasks import (
     answer_strategy,
@@ -121,8 +123,24 @@ def evaluate(
             + f" ({time.perf_counter() - tick:.0f}s)"
         )
 
+    # Beside the task registry, generic on any data: CM3 infilling of the middle image rows
+    # (the answer strategy, one sample). The retriever's recall@k is the index stage's.
+    infill_docs = test.documents[: config.task_examples]
+    metrics["infilling"], infill_records = {}, {}
+    for name in ("pretrain", "sft"):
+        tick = time.perf_counter()
+        result, infill_records[name] = infilling_metrics(
+            models[name], infill_docs, answer[0], judge, seed
+        )
+        metrics["infilling"][name] = result
+        log(
+            f"{name}: infilling region MSE {result['region_mse']:.4f} (spliced baseline "
+            f"{result['spliced_region_mse']:.4f}) ({time.perf_counter() - tick:.0f}s)"
+        )
+
     prompts = test.documents[: config.studies.prompts]
     study = config.studies
+    study_samples = max(2, decoding.samples // 2)  # per prompt in the CFG and retrieval studies
     tables: dict[str, list[dict]] = {}
     tick = time.perf_counter()
     tables["cfg_weight"] = studies.cfg_study(
@@ -132,7 +150,7 @@ def evaluate(
         decoding,
         study.cfg_weights,
         study.strategies,
-        max(2, decoding.samples // 2),
+        study_samples,
         config.sft_retrieved,
         seed,
     )
@@ -142,7 +160,7 @@ def evaluate(
         sft, prompts, judge, decoding, study.samples, config.sft_retrieved, seed
     )
     tables["retrieved_docs"] = studies.retrieval_study(
-        pretrain, prompts, judge, decoding, study.retrieved, seed
+        pretrain, prompts, judge, decoding, study.retrieved, study_samples, seed
     )
     log(f"samples and retrieval studies ({time.perf_counter() - tick:.0f}s)")
     judged = judge is not None
@@ -179,6 +197,7 @@ def evaluate(
         _write_tables(tmp, tables)
         _write_generations(tmp, models, test, records, decoding, seed, retrieved)
         _write_grids(tmp, models, test, records, config.grid_examples)
+        _write_infilling_grid(tmp, infill_docs, infill_records, config.grid_examples)
         (tmp / "metrics.json").write_text(
             json.dumps(_jsonable(metrics), indent=2, sort_keys=True) + "\n"
         )
@@ -378,3 +397,11 @@ def _write_grids(out, models, test, records, count) -> None:
             np.concatenate([r, np.zeros((width - len(r), *r.shape[1:]), np.uint8)]) for r in rows
         ]
         write_png(out / "samples" / "tasks.png", image_grid(rows, scale=3))
+
+
+def _write_infilling_grid(out, documents, records, count) -> None:
+    """``samples/infilling.png``: the true images, then each model's infill of their middle
+    rows (rows follow ``records``' model order)."""
+    rows = [np.stack([d["pixels"] for d in documents[:count]])]
+    rows += [np.stack([r["image"] for r in recs[:count]]) for recs in records.values()]
+    write_png(out / "samples" / "infilling.png", image_grid(rows, scale=3))

@@ -9,7 +9,7 @@ and plotted by :mod:`cm3leon.evaluation.evaluate`:
 - :func:`samples_study` — accuracy vs samples per prompt with dual-encoder re-ranking: one run
   of ``max(samples)`` samples, re-ranked among its first ``n`` for each ``n``;
 - :func:`retrieval_study` — accuracy vs retrieved documents at inference (0/1/2) for the
-  retrieval-augmented pretrained model;
+  retrieval-augmented pretrained model, at the CFG study's samples per prompt;
 - :func:`model_comparison` — the same prompts through several models (retrieval-augmented vs
   no-retrieval pretraining; pretrain vs SFT on every task is assembled by the evaluator).
 
@@ -112,10 +112,11 @@ def retrieval_study(
     judge: SceneJudge | None,
     config: DecodingConfig,
     counts: Sequence[int],
+    samples: int,
     seed: int,
 ) -> list[dict]:
     items = [TaskInput(texts={"caption": d["caption"]}) for d in documents]
-    plan = strategies(config, config.strategy, config.samples, config.cfg_weight)
+    plan = strategies(config, config.strategy, samples, config.cfg_weight)
     rows = []
     for k in counts:
         generations = model.run("text_to_image", items, plan, k, seed)

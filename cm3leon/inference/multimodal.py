@@ -215,27 +215,54 @@ class MultimodalModel:
         gets exactly ``end - start`` image ids, a text span text ids. Returns the document with
         the span replaced.
         """
-        start, end = span
-        document = list(document)
-        if not 0 <= start < end <= len(document):
-            raise ValueError(f"span {span} is not inside the document of {len(document)} tokens")
-        region = document[start:end]
-        vocab = self.vocab
-        if all(vocab.is_image(t) for t in region):
-            output, length = "image", end - start
-        elif all(vocab.is_text(t) for t in region):
-            output, length = "text", None
-        else:
-            raise ValueError("an infilled span must be all text or all image tokens")
-        sentinel = vocab.sentinel(0)
-        prompt = [vocab.bos, *context, *document[:start], sentinel, *document[end:], sentinel]
+        return self.infill_many([document], [span], strategy, [context], seed)[0]
+
+    def infill_many(
+        self,
+        documents: Sequence[Sequence[int]],
+        spans: Sequence[tuple[int, int]],
+        strategy: Strategy,
+        contexts: Sequence[Sequence[int]] | None = None,
+        seed: int = 0,
+    ) -> list[list[int]]:
+        """:meth:`infill` for many documents in batches of ``batch_size``; every span must be
+        of one kind (all text, or all image spans of one length)."""
+        if len(spans) != len(documents):
+            raise ValueError(f"{len(documents)} documents but {len(spans)} spans")
+        contexts = [()] * len(documents) if contexts is None else contexts
+        vocab, kinds, requests = self.vocab, set(), []
+        for document, (start, end), context in zip(documents, spans, contexts, strict=True):
+            document = list(document)
+            if not 0 <= start < end <= len(document):
+                raise ValueError(
+                    f"span {(start, end)} is not inside the document of {len(document)} tokens"
+                )
+            region = document[start:end]
+            if all(vocab.is_image(t) for t in region):
+                kinds.add(("image", end - start))
+            elif all(vocab.is_text(t) for t in region):
+                kinds.add(("text", None))
+            else:
+                raise ValueError("an infilled span must be all text or all image tokens")
+            sentinel = vocab.sentinel(0)
+            prompt = [vocab.bos, *context, *document[:start], sentinel, *document[end:], sentinel]
+            requests.append(GenerationRequest(prompt, strategy, prompt))  # no unconditional
+        if len(kinds) != 1:
+            raise ValueError(f"spans of one call must be of one kind, got {sorted(kinds)}")
+        ((output, length),) = kinds
         constraint = ModalityConstraint(
             vocab, self.codec.image_tokens, output, (vocab.eos_span,), length
         )
         max_new = (length or self.max_text_tokens) + 1
-        request = GenerationRequest(prompt, strategy, prompt)  # no unconditional variant
-        (filled,) = generate(self.model, vocab, [request], constraint, max_new, seed)
-        return [*document[:start], *filled, *document[end:]]
+        self.model.eval()
+        filled: list[list[int]] = []
+        for first in range(0, len(requests), self.batch_size):
+            chunk = requests[first : first + self.batch_size]
+            filled += generate(self.model, vocab, chunk, constraint, max_new, seed + first)
+        return [
+            [*d[:start], *f, *d[end:]]
+            for d, (start, end), f in zip(documents, spans, filled, strict=True)
+        ]
 
     def _retrieve(self, task: str, items: Sequence[TaskInput], k: int) -> list[list]:
         if k == 0:

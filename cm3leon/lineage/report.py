@@ -102,7 +102,9 @@ def metrics_rows(evaluation: dict) -> list[dict]:
     """One row per task: the headline metric of each evaluated model (the exact one when the
     corpus has a scene judge, else the generic one: :func:`cm3leon.tasks.headline_metric`) and
     its 95% interval where the evaluation reports one; a task evaluate could not score says
-    why; text-to-image is followed by the same metric on the real test images (the ceiling)."""
+    why; text-to-image is followed by the same metric on the real test images (the ceiling);
+    then infilling (exact scene with a judge, else dual-encoder similarity) beside its spliced
+    baseline."""
     models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
     judged = evaluation.get("judge") is not None
     skipped = evaluation.get("skipped", {})
@@ -123,6 +125,18 @@ def metrics_rows(evaluation: dict) -> list[dict]:
         real = evaluation.get("sft", {}).get(task, {}).get(f"real_{key}")
         if real is not None:  # the ceiling: the real test images of the same prompts
             rows.append({"task": f"{task}, real test images", "metric": key, "sft": real})
+    infilling = evaluation.get("infilling", {})
+    if infilling:  # the middle image rows regenerated; the spliced baseline ignores context
+        key = "accuracy" if judged else "similarity_dual_encoder"
+        row = {"task": "infilling", "metric": key}
+        for model, metrics in infilling.items():
+            row[model] = metrics.get(key)
+            interval = metrics.get(f"{key}_ci95")
+            if interval is not None:
+                row[f"{model} 95%"] = f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+        rows.append(row)
+        baseline = next(iter(infilling.values())).get(f"spliced_{key}")
+        rows.append({"task": "infilling, spliced baseline", "metric": key, "sft": baseline})
     return rows
 
 

@@ -81,12 +81,15 @@ def equal_compute_baseline(
     probe: int = 4096,
 ) -> PretrainConfig:
     """The no-retrieval baseline of the retrieval study at *equal compute*: ``config`` with
-    ``retrieval_k_max = 0`` and as many more steps as it takes to see the same number of
-    training tokens. The retrieval-augmented run's tokens are counted over its whole stream
-    (``world`` processes; deterministic: a sample is a pure function of the seed and its
-    number), the baseline's per sample on the first ``probe`` samples of its own stream, so the
-    ratio follows the data, the retrieval params and the per-step neighbor counts of
-    ``train.length_grouping``; warmup stays as configured."""
+    ``retrieval_k_max = 0``, a micro-batch of as many more documents as it takes for a step to
+    hold the retrieval-augmented run's training tokens per step, and the steps (about the same
+    number) that make the totals equal. Both runs then see the same tokens, in about the same
+    optimizer steps of the same size on the same schedule; a baseline given more steps of
+    fewer tokens each would also get more updates. The retrieval-augmented run's tokens are
+    counted over its whole stream (``world`` processes; deterministic: a sample is a pure
+    function of the seed and its number), the baseline's per sample on the first ``probe``
+    samples of its own stream, so the ratio follows the data, the retrieval params and the
+    per-step neighbor counts of ``train.length_grouping``; warmup stays as configured."""
     baseline = dataclasses.replace(config, retrieval_k_max=0)
     max_seq_len = config.model.shape()["max_seq_len"]
     per_step = step_samples(config.train, world)
@@ -96,8 +99,12 @@ def equal_compute_baseline(
         _, train, _ = _sequences(tokens_dir, retrieval_dir, setting, seed, max_seq_len)
         built = (train_sample(train, n, seed, grouped) for n in range(samples))
         counts.append(sum(sum(w > 0 for w in s.weights) for s in built) / samples)
-    steps = max(1, round(config.train.steps * counts[0] / max(counts[1], 1e-9)))
-    return dataclasses.replace(baseline, train=dataclasses.replace(config.train, steps=steps))
+    ratio = counts[0] / max(counts[1], 1e-9)  # tokens per sample, retrieval vs baseline
+    micro = max(1, round(config.train.micro_batch_size * ratio))
+    train = dataclasses.replace(config.train, micro_batch_size=micro)
+    total = config.train.steps * per_step * counts[0]  # the retrieval run's training tokens
+    steps = max(1, round(total / (step_samples(train, world) * max(counts[1], 1e-9))))
+    return dataclasses.replace(baseline, train=dataclasses.replace(train, steps=steps))
 
 
 def step_samples(train_config: TrainConfig, world: int) -> int:

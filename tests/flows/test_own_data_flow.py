@@ -99,6 +99,11 @@ def test_the_flow_runs_every_stage_on_user_data(make_project, prefect_server):
         captioning = metrics[model]["captioning"]
         assert math.isfinite(captioning["cider_d"]) and captioning["references_per_image"] == 2
         assert "attribute_exact_match" not in captioning
+    for model in ("pretrain", "sft"):  # infilling is scored without a judge too
+        infilling = metrics["infilling"][model]
+        assert "accuracy" not in infilling
+        for key in ("region_mse", "spliced_region_mse", "similarity_dual_encoder"):
+            assert math.isfinite(infilling[key]), key
     best = metrics["best_text_to_image"]
     assert best["metric"] == "r_precision" and 0 <= best["r_precision"] <= 1
     cfg = json.loads((root / "reports/eval/tables/cfg_weight.json").read_text())
@@ -108,6 +113,7 @@ def test_the_flow_runs_every_stage_on_user_data(make_project, prefect_server):
     assert '<table id="metrics">' in page and "r_precision" in page
     assert "not scored: no test rows in task table" in page
     assert "text_to_image, real test images" in page
+    assert "infilling, spliced baseline" in page
 
     out = root / "generated.png"
     run([*CLI, "generate", "blue vertical stripes", "-o", str(out)], cwd=root)

@@ -92,6 +92,25 @@ def test_infilling_replaces_exactly_the_span():
         model.infill(document, (len(caption) - 1, len(caption) + 2), Strategy.named("greedy"))
 
 
+def test_infill_many_is_infill_in_one_batch_and_takes_one_kind_of_span():
+    model = toy("pretrain")
+    documents, spans = [], []
+    for text in ("a red circle at the top", "what color is it?", "a red circle"):
+        caption = model.codec.encode_text(text)
+        documents.append([*caption, VOCAB.brk, *IMAGE])
+        start = len(caption) + 1 + 16  # the middle rows of the 8x8 grid: one length for all
+        spans.append((start, start + 32))
+    greedy = Strategy.named("greedy")
+    batched = model.infill_many(documents, spans, greedy)
+    assert batched == [model.infill(d, s, greedy) for d, s in zip(documents, spans, strict=True)]
+    model.batch_size = 2  # in chunks, the same (greedy draws nothing)
+    assert model.infill_many(documents, spans, greedy) == batched
+    with pytest.raises(ValueError, match="of one kind"):
+        model.infill_many(documents[:2], [spans[0], (1, 3)], greedy)
+    with pytest.raises(ValueError, match="3 documents but 2 spans"):
+        model.infill_many(documents, spans[:2], greedy)
+
+
 def test_pixels_round_trip_through_the_vq_ids():
     model = toy("sft")
     pixels = np.zeros((2, model.image_size, model.image_size, 3), np.uint8)
