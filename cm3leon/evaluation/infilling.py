@@ -53,15 +53,13 @@ def infilling_metrics(
     grid = round(model.codec.image_tokens**0.5)
     first, end = masked_rows(grid)
     docs, spans = [], []
-    for d in documents:
-        text = model.codec.encode_text(d["caption"])
-        ids = [*text, model.vocab.brk, *d["image_ids"]]
-        start = len(text) + 1 + first * grid
+    for d in documents:  # caption <break> image, as the codec writes documents
+        ids = model.codec.encode(d["caption"], model.vocab.vocab_to_image(d["image_ids"]))
+        start = len(ids) - model.codec.image_tokens + first * grid
         docs.append(ids)
         spans.append((start, start + (end - first) * grid))
     filled = model.infill_many(docs, spans, strategy, seed=seed)
-    image_starts = [s - first * grid for s, _ in spans]
-    codes = [model.vocab.vocab_to_image(f[s:]) for f, s in zip(filled, image_starts, strict=True)]
+    codes = [model.codec.decode(f)[1] for f in filled]
     images = model.decode_ids([model.vocab.image_to_vocab(c) for c in codes])
     truth = np.stack([d["pixels"] for d in documents])
 
