@@ -93,6 +93,13 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(n)]
     for position in range(max_new_tokens):
         allowed = constraint.allowed(run, generated)  # (n, V)
+        # Only the tokens some request may take now: an image step scores its 256 codes, not
+        # the whole vocabulary. Disallowed tokens are -inf in every processor's input and output,
+        # so this changes no distribution; greedy picks the same token, sampling draws its
+        # noise over the kept columns only.
+        columns = allowed.any(0).nonzero().squeeze(1)  # (U,) ascending; a device sync
+        allowed = allowed[:, columns]
+        logits = logits.index_select(1, columns)  # (R, U)
         cond = logits[cond_index].float().masked_fill(~allowed, float("-inf"))
         uncond = logits[uncond_index].float().masked_fill(~allowed, float("-inf"))
         scores = torch.empty_like(cond)
@@ -100,10 +107,10 @@ def generate(
         for strategy, rows_ in groups.items():
             scores[rows_] = strategy.scores(cond[rows_], uncond[rows_])
             greedy[rows_] = strategy.argmax
-        token = selector(scores, greedy)  # (n,)
+        token = columns[selector(scores, greedy)]  # (n,) vocabulary ids
         token = torch.where(done, torch.full_like(token, vocab.pad), token)
         was_done = done.tolist()
-        for i, t in enumerate(token.tolist()):  # one device sync per step
+        for i, t in enumerate(token.tolist()):  # the step's second device sync
             if was_done[i]:
                 continue
             if t in stops:

@@ -74,7 +74,10 @@ def evaluate(
     The corpus's scene judge (:func:`~cm3leon.data.scene_judge.load_judge`) adds the exact
     metrics; without one (user data) every task and study runs on the generic metrics, and a
     task with no test rows or no metric without a judge is listed under ``skipped``."""
-    sft, pretrain = models["sft"], models["pretrain"]
+    missing = [name for name in ("pretrain", "sft") if name not in models]
+    if missing:
+        raise ValueError(f"evaluate needs the {' and '.join(missing)} model(s)")
+    sft = models["sft"]
     judge = load_judge(corpus_dir)
     test = load_test_set(
         corpus_dir, tokens_dir, sft.codec.decode_text, config.prompts, config.task_examples, seed
@@ -93,6 +96,20 @@ def evaluate(
     scored = [spec for spec in TASKS.values() if spec.name not in skipped]
     records: dict[str, dict[str, list]] = {}
     inception = load_inception(config.inception_weights) if config.inception_weights else None
+    study = config.studies
+    study_samples = max(2, decoding.samples // 2)  # per prompt in the CFG and retrieval studies
+    # One pool of text-to-image draws per model: a setting the headline and a study share is
+    # generated once, with the most samples either needs (the headline's first `samples`).
+    pools = {
+        name: studies.TextToImagePool(model, test.documents, decoding, seed)
+        for name, model in models.items()
+    }
+    pools["sft"].reserve(
+        decoding.strategy, decoding.cfg_weight, config.sft_retrieved, max(study.samples)
+    )
+    for name in study.strategies:
+        for weight in study.cfg_weights:
+            pools["sft"].reserve(name, weight, config.sft_retrieved, study_samples)
     for name, model in models.items():
         k = retrieved[name]
         tick = time.perf_counter()
@@ -105,7 +122,12 @@ def evaluate(
             # a task with a single right output gets one answer sample.
             plan = headline if spec.query is not None else answer
             real = test.real_pixels if spec.table is None and spec.output == "image" else None
-            result, rec = score_task(model, spec, rows, judge, plan, k, seed, real)
+            drawn = None
+            if spec.name == "text_to_image":
+                drawn = pools[name].get(
+                    decoding.strategy, decoding.cfg_weight, k, decoding.samples, len(rows)
+                )
+            result, rec = score_task(model, spec, rows, judge, plan, k, seed, real, drawn)
             if inception is not None and real is not None:
                 generated = np.stack([r["image"] for r in rec])
                 result["fid_inception"] = frechet_distance(
@@ -138,31 +160,31 @@ def evaluate(
             f"{result['spliced_region_mse']:.4f}) ({time.perf_counter() - tick:.0f}s)"
         )
 
-    prompts = test.documents[: config.studies.prompts]
-    study = config.studies
-    study_samples = max(2, decoding.samples // 2)  # per prompt in the CFG and retrieval studies
+    count = min(study.prompts, len(test.documents))
     tables: dict[str, list[dict]] = {}
     tick = time.perf_counter()
     tables["cfg_weight"] = studies.cfg_study(
-        sft,
-        prompts,
+        pools["sft"],
+        count,
         judge,
-        decoding,
         study.cfg_weights,
         study.strategies,
         study_samples,
         config.sft_retrieved,
-        seed,
     )
     log(f"cfg study ({time.perf_counter() - tick:.0f}s)")
     tick = time.perf_counter()
     tables["samples"] = studies.samples_study(
-        sft, prompts, judge, decoding, study.samples, config.sft_retrieved, seed
+        pools["sft"], count, judge, study.samples, config.sft_retrieved
     )
     tables["retrieved_docs"] = studies.retrieval_study(
-        pretrain, prompts, judge, decoding, study.retrieved, study_samples, seed
+        pools["pretrain"], count, judge, study.retrieved, study_samples
     )
     log(f"samples and retrieval studies ({time.perf_counter() - tick:.0f}s)")
+    log(
+        "text-to-image samples drawn: "
+        + ", ".join(f"{name} {pool.rows_generated}" for name, pool in pools.items())
+    )
     judged = judge is not None
     tables["pretrain_vs_sft"] = [
         {

@@ -7,11 +7,18 @@ and plotted by :mod:`cm3leon.evaluation.evaluate`:
   (every strategy draws the same number of samples per prompt, re-ranked, so the comparison is
   fair; ``mix`` alternates the two);
 - :func:`samples_study` — accuracy vs samples per prompt with dual-encoder re-ranking: one run
-  of ``max(samples)`` samples, re-ranked among its first ``n`` for each ``n``;
+  of ``max(samples)`` samples, re-ranked among its first ``n`` for each ``n``; with a judge
+  also the share of samples that are right (``sample_accuracy``: the generator alone) and of
+  prompts with a right sample among the first ``n`` (``oracle_accuracy``: a perfect
+  re-ranker), so a row says whether the generator or the re-ranker loses the rest;
 - :func:`retrieval_study` — accuracy vs retrieved documents at inference (0/1/2) for the
   retrieval-augmented pretrained model, at the CFG study's samples per prompt;
-- :func:`model_comparison` — the same prompts through several models (retrieval-augmented vs
-  no-retrieval pretraining; pretrain vs SFT on every task is assembled by the evaluator).
+- the model comparisons (retrieval-augmented vs no-retrieval pretraining, pretrain vs SFT on
+  every task) are assembled by the evaluator from the headline metrics.
+
+Every study draws its images from a :class:`TextToImagePool`, which the headline shares: a
+setting (strategy, CFG weight, retrieved documents) is generated once, with the most samples
+any caller reserved for it, and each caller gets its first ``n`` samples.
 
 Every row carries the generic metrics (R-precision and CLIPScore in the dual encoder's space)
 and, when the corpus has a scene judge, the exact ones (``accuracy`` and its breakdown);
@@ -22,10 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from cm3leon.config import DecodingConfig
 from cm3leon.data.scene_judge import SceneJudge
-from cm3leon.evaluation.tasks import image_metrics, strategies
-from cm3leon.inference.multimodal import MultimodalModel, TaskInput, rerank_prefix
+from cm3leon.evaluation.tasks import image_metrics, sample_correctness, strategies
+from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput, first_samples
 
 
 def _row(metrics: dict, **setting) -> dict:
@@ -62,65 +71,141 @@ def primary_metric(rows: Sequence[dict]) -> str:
     return "accuracy" if rows and "accuracy" in rows[0] else "r_precision"
 
 
+class TextToImagePool:
+    """Text-to-image generations of one model on the first documents of ``documents``, shared
+    by the headline and the studies so that no setting is generated twice.
+
+    A setting is ``(strategy plan, CFG weight, retrieved documents)``. :meth:`reserve` raises
+    the samples per prompt its first draw makes; :meth:`get` returns ``samples`` samples per
+    prompt for the first ``count`` documents, reusing a draw of that setting with at least as
+    many samples on at least as many documents: its first ``samples`` samples, re-ranked among
+    themselves (:func:`~cm3leon.inference.multimodal.first_samples`). That is a fair draw of the
+    smaller plan: sample ``s`` of a plan has the same strategy whatever the plan's length
+    (:func:`~cm3leon.decoding.selector.sample_plan` cycles) and the re-ranker scores each sample
+    alone — only the random numbers differ from a run of that size by itself. Every draw uses
+    the same ``seed``; draws of the same size share their random numbers (as the studies' rows
+    did when each was a run of its own), but a row served from a larger draw — the CFG study's
+    cell of the headline setting, the retrieval study's row of the headline's document count —
+    uses other numbers than its neighbours: a fair draw, not a common-random-numbers pair. The
+    headline of a model whose setting a study reserves more samples for is the first
+    ``samples`` of that larger draw (the evaluate stage's SFT model: the samples study's 8).
+    """
+
+    def __init__(
+        self,
+        model: MultimodalModel,
+        documents: Sequence[dict],
+        config: DecodingConfig,
+        seed: int,
+    ) -> None:
+        self.model, self.documents, self.config, self.seed = model, list(documents), config, seed
+        self._reserved: dict[tuple, int] = {}
+        self._drawn: dict[tuple, list[Generation]] = {}
+        self.rows_generated = 0  # samples drawn so far (prompts x samples), for the log
+
+    def reserve(self, strategy: str, cfg_weight: float, retrieved: int, samples: int) -> None:
+        key = (strategy, float(cfg_weight), retrieved)
+        self._reserved[key] = max(self._reserved.get(key, 0), samples)
+
+    def get(
+        self, strategy: str, cfg_weight: float, retrieved: int, samples: int, count: int
+    ) -> list[Generation]:
+        if not 1 <= count <= len(self.documents):
+            raise ValueError(f"the pool holds {len(self.documents)} documents, asked for {count}")
+        key = (strategy, float(cfg_weight), retrieved)
+        drawn = self._drawn.get(key)
+        if drawn is None or len(drawn) < count or len(drawn[0].samples) < samples:
+            # A redraw covers at least what the previous draw did, so it never shrinks.
+            n = max(samples, self._reserved.get(key, 0), len(drawn[0].samples) if drawn else 0)
+            size = max(count, len(drawn) if drawn else 0)
+            items = [TaskInput(texts={"caption": d["caption"]}) for d in self.documents[:size]]
+            plan = strategies(self.config, strategy, n, cfg_weight)
+            drawn = self.model.run("text_to_image", items, plan, retrieved, self.seed)
+            self._drawn[key] = drawn
+            self.rows_generated += size * n
+        if len(drawn[0].samples) == samples:
+            return drawn[:count]
+        return [first_samples(g, samples) for g in drawn[:count]]
+
+
 def cfg_study(
-    model: MultimodalModel,
-    documents: Sequence[dict],
+    pool: TextToImagePool,
+    count: int,
     judge: SceneJudge | None,
-    config: DecodingConfig,
     weights: Sequence[float],
     names: Sequence[str],
     samples: int,
     retrieved: int,
-    seed: int,
 ) -> list[dict]:
-    items = [TaskInput(texts={"caption": d["caption"]}) for d in documents]
+    documents = pool.documents[:count]
     rows = []
     for name in names:
         for weight in weights:
-            plan = strategies(config, name, samples, weight)
-            generations = model.run("text_to_image", items, plan, retrieved, seed)
-            metrics, _ = image_metrics(model, documents, generations, judge, "objects", seed=seed)
+            generations = pool.get(name, weight, retrieved, samples, count)
+            metrics, _ = image_metrics(
+                pool.model, documents, generations, judge, "objects", seed=pool.seed
+            )
             rows.append(_row(metrics, strategy=name, cfg_weight=weight, samples=samples))
     return rows
 
 
 def samples_study(
-    model: MultimodalModel,
-    documents: Sequence[dict],
+    pool: TextToImagePool,
+    count: int,
     judge: SceneJudge | None,
-    config: DecodingConfig,
     counts: Sequence[int],
     retrieved: int,
-    seed: int,
 ) -> list[dict]:
-    items = [TaskInput(texts={"caption": d["caption"]}) for d in documents]
-    plan = strategies(config, config.strategy, max(counts), config.cfg_weight)
-    generations = model.run("text_to_image", items, plan, retrieved, seed)
+    """One draw of ``max(counts)`` samples (reserved), re-ranked among its first ``n``."""
+    config, documents = pool.config, pool.documents[:count]
+    pool.reserve(config.strategy, config.cfg_weight, retrieved, max(counts))
+    right = None
+    if judge is not None:
+        drawn = pool.get(config.strategy, config.cfg_weight, retrieved, max(counts), count)
+        right = sample_correctness(pool.model, documents, drawn, judge, "objects")
+        objects = np.array([len(judge.truth(d["objects"])) for d in documents])
     rows = []
     for n in sorted(counts):
-        best = [rerank_prefix(g, n) for g in generations]
-        metrics, _ = image_metrics(model, documents, generations, judge, "objects", best, seed=seed)
-        rows.append(
-            _row(metrics, samples=n, strategy=config.strategy, cfg_weight=config.cfg_weight)
+        generations = pool.get(config.strategy, config.cfg_weight, retrieved, n, count)
+        metrics, _ = image_metrics(
+            pool.model, documents, generations, judge, "objects", seed=pool.seed
         )
+        row = _row(metrics, samples=n, strategy=config.strategy, cfg_weight=config.cfg_weight)
+        if right is not None:
+            row.update(generator_columns(right, objects, n))
+        rows.append(row)
     return rows
 
 
+def generator_columns(right: np.ndarray, objects: np.ndarray, samples: int) -> dict:
+    """Of ``right`` (prompts, samples) — whether each sample is correct — and each prompt's
+    object count: ``sample_accuracy`` (share of the first ``samples`` samples that are right)
+    and ``oracle_accuracy`` (share of prompts with a right one among them), overall and by
+    object count."""
+    groups = [("", np.ones(len(objects), dtype=bool))]
+    groups += [(f"_{c}_objects", objects == c) for c in sorted(set(objects.tolist()))]
+    columns = {}
+    for suffix, chosen in groups:
+        first = right[chosen, :samples]
+        columns[f"sample_accuracy{suffix}"] = round(float(first.mean()), 4)
+        columns[f"oracle_accuracy{suffix}"] = round(float(first.any(1).mean()), 4)
+    return columns
+
+
 def retrieval_study(
-    model: MultimodalModel,
-    documents: Sequence[dict],
+    pool: TextToImagePool,
+    count: int,
     judge: SceneJudge | None,
-    config: DecodingConfig,
     counts: Sequence[int],
     samples: int,
-    seed: int,
 ) -> list[dict]:
-    items = [TaskInput(texts={"caption": d["caption"]}) for d in documents]
-    plan = strategies(config, config.strategy, samples, config.cfg_weight)
+    config, documents = pool.config, pool.documents[:count]
     rows = []
     for k in counts:
-        generations = model.run("text_to_image", items, plan, k, seed)
-        metrics, _ = image_metrics(model, documents, generations, judge, "objects", seed=seed)
+        generations = pool.get(config.strategy, config.cfg_weight, k, samples, count)
+        metrics, _ = image_metrics(
+            pool.model, documents, generations, judge, "objects", seed=pool.seed
+        )
         mean_docs = sum(len(g.retrieved) for g in generations) / max(len(generations), 1)
         rows.append(_row(metrics, retrieved=k, mean_retrieved=round(mean_docs, 3)))
     return rows

@@ -159,11 +159,15 @@ def score_task(
     retrieved: int,
     seed: int,
     real_pixels: np.ndarray | None = None,
+    generations: Sequence[Generation] | None = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Generate for every row of task ``spec`` and score with its scorer (:data:`SCORERS`).
     ``judge``: the corpus's scene judge, ``None`` for the generic metrics only.
-    ``real_pixels``: real images for the feature-space metrics of a text-to-image task."""
-    generations = model.run(spec.name, task_inputs(spec, rows), plan, retrieved, seed)
+    ``real_pixels``: real images for the feature-space metrics of a text-to-image task.
+    ``generations``: the rows' generations when drawn already (a shared pool), else drawn here
+    with ``plan``."""
+    if generations is None:
+        generations = model.run(spec.name, task_inputs(spec, rows), plan, retrieved, seed)
     return SCORERS[spec.scorer](model, spec, rows, generations, judge, real_pixels, seed)
 
 
@@ -216,6 +220,26 @@ def image_metrics(
         metrics["clip_score_dual_encoder"] = float(np.mean(clip))
         metrics["clip_score_dual_encoder_ci95"] = mean_interval(clip, bounds=None)
     return metrics, records
+
+
+def sample_correctness(
+    model: MultimodalModel,
+    rows: Sequence[dict],
+    generations: Sequence[Generation],
+    judge: SceneJudge,
+    truth_key: str,
+) -> np.ndarray:
+    """``(rows, samples)`` bool: whether each sample (not only the re-ranked one) shows its
+    row's scene exactly — what the generator gets right before the re-ranker chooses."""
+    codes = [c for g in generations for c in g.sample_codes]
+    images = model.decode_ids([model.vocab.image_to_vocab(c) for c in codes])
+    samples = len(generations[0].sample_codes) if generations else 0
+    right = np.zeros((len(rows), samples), dtype=bool)
+    for i, row in enumerate(rows):
+        truth = judge.truth(row[truth_key])
+        for s in range(samples):
+            right[i, s] = compare_scene(truth, judge.parse(images[i * samples + s])).exact
+    return right
 
 
 def _exact_scene(rows, images, judge: SceneJudge, truth_key, records) -> dict[str, Any]:

@@ -30,6 +30,7 @@ similarity to the prompt (CLIP re-ranking, CM3Leon §3).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,3 +305,22 @@ def rerank_prefix(generation: Generation, samples: int) -> int:
     if not generation.rerank_scores:
         return 0
     return int(np.argmax(generation.rerank_scores[:samples]))
+
+
+def first_samples(generation: Generation, samples: int) -> Generation:
+    """``generation`` as if only its first ``samples`` samples had been drawn: those samples,
+    the best of them by the re-ranker's scores (each sample is scored alone, so the choice is
+    the one a run of ``samples`` would make on the same samples)."""
+    if not 1 <= samples <= len(generation.samples):
+        raise ValueError(f"need 1..{len(generation.samples)} samples, got {samples}")
+    best = rerank_prefix(generation, samples)
+    codes = generation.sample_codes[:samples]
+    return dataclasses.replace(
+        generation,
+        samples=generation.samples[:samples],
+        strategies=generation.strategies[:samples],
+        best=best,
+        rerank_scores=generation.rerank_scores[:samples],
+        sample_codes=codes,
+        codes=codes[best] if codes else generation.codes,
+    )

@@ -90,6 +90,32 @@ def test_cfg_one_equals_plain_sampling_and_same_seed_repeats():
     assert a == b == generate(m, VOCAB, plain, constraint, GRID + 1, seed=5)
 
 
+@pytest.mark.parametrize("cfg_weight", [1.0, 2.5])
+def test_greedy_is_the_argmax_over_the_whole_vocabulary(cfg_weight):
+    """generate() scores only the tokens the constraint allows at a step; a reference that
+    scores the whole vocabulary, constraint applied as a mask, picks the same tokens."""
+    m = model()
+    constraint = ModalityConstraint(VOCAB, GRID, "image", (VOCAB.eos,))
+    reqs = requests([Strategy.named("greedy", cfg_weight=cfg_weight)])
+    out = generate(m, VOCAB, reqs, constraint, GRID + 1, seed=0)
+    for request, tokens in zip(reqs, out, strict=True):
+        cond, uncond = list(request.prompt), list(request.unconditional)
+        expected = []
+        for position in range(GRID + 1):
+            with torch.no_grad():
+                c = m(torch.tensor([cond]))[0, -1]
+                u = m(torch.tensor([uncond]))[0, -1]
+            run = torch.tensor([position if position <= GRID else 0])
+            allowed = constraint.allowed(run, torch.tensor([position]))[0]
+            guided = u + cfg_weight * (c - u) if cfg_weight != 1.0 else c
+            token = int(guided.masked_fill(~allowed, float("-inf")).argmax())
+            if token == VOCAB.eos:
+                break
+            expected.append(token)
+            cond, uncond = [*cond, token], [*uncond, token]
+        assert tokens == expected
+
+
 def test_text_segments_stop_and_never_hold_image_ids():
     m = model()
     constraint = ModalityConstraint(VOCAB, GRID, "text", (VOCAB.eos,))
