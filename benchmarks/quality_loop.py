@@ -6,7 +6,9 @@ with ``-S section.key=value`` overrides of ``params.yaml`` (the same spelling as
 prompts with the evaluate stage's own scorer (:func:`cm3leon.evaluation.tasks.score_task`), at
 each ``--cfg`` weight. It prints and saves exact-scene accuracy with its 95% Wilson interval,
 by object count, and the diagnostics of why samples are wrong (attribute accuracy, object
-count accuracy, share of true objects drawn exactly)::
+count accuracy, share of true objects drawn exactly, and — every sample judged — the share of
+samples that are right and of prompts with a right one among them: the generator alone and a
+perfect re-ranker, as in the evaluate stage's samples study)::
 
     python benchmarks/quality_loop.py --name default --cfg 1 --cfg 1.5
     python benchmarks/quality_loop.py --name no-cells -S pretrain.model.image_positions=false
@@ -34,16 +36,20 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 from machine import describe_machine
 
 from cm3leon.config import load_params
 from cm3leon.data.scene_judge import load_judge
+from cm3leon.evaluation.studies import generator_columns
 from cm3leon.evaluation.tasks import (
     answer_strategy,
     load_test_set,
+    sample_correctness,
     score_task,
     strategies,
+    task_inputs,
 )
 from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.project import stage_arguments
@@ -170,12 +176,18 @@ def main() -> None:
     default_retrieved = evaluate.retrieved if args.stage == "pretrain" else evaluate.sft_retrieved
     retrieved = default_retrieved if args.retrieved is None else args.retrieved
     results = {}
+    t2i = TASKS["text_to_image"]
+    objects = np.array([len(judge.truth(d["objects"])) for d in test.documents])
     for weight in args.cfg or [1.0]:
         plan = strategies(evaluate.decoding, args.strategy, args.samples, weight)
         tick = time.perf_counter()
+        drawn = model.run(t2i.name, task_inputs(t2i, test.documents), plan, retrieved, seed)
         metrics, _ = score_task(
-            model, TASKS["text_to_image"], test.documents, judge, plan, retrieved, seed
+            model, t2i, test.documents, judge, plan, retrieved, seed, generations=drawn
         )
+        # every sample judged, not only the re-ranked one: the generator vs the re-ranker
+        right = sample_correctness(model, test.documents, drawn, judge, "objects")
+        metrics.update(generator_columns(right, objects, args.samples))
         metrics["eval_seconds"] = time.perf_counter() - tick
         results[f"cfg_{weight:g}"] = metrics
         print(f"[{args.name}] cfg {weight:g}: " + _summary(metrics), flush=True)
@@ -231,6 +243,13 @@ def _summary(m: dict) -> str:
                 f"(n={m[f'examples_{count}_objects']}, any right "
                 f"{m[f'any_object_right_{count}_objects']:.2f})"
             )
+    if "oracle_accuracy" in m:
+        nan = float("nan")
+        sample_2, oracle_2 = (m.get(f"{k}_accuracy_2_objects", nan) for k in ("sample", "oracle"))
+        parts.append(
+            f"samples right {m['sample_accuracy']:.3f} (2-obj {sample_2:.3f}), a right one "
+            f"among them {m['oracle_accuracy']:.3f} (2-obj {oracle_2:.3f})"
+        )
     parts.append(
         " ".join(f"{a} {m[f'{a}_accuracy']:.2f}" for a in ("position", "shape", "color", "size"))
     )
