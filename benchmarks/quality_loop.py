@@ -18,7 +18,7 @@ Each run appends one JSON line (overrides, tokens seen, seconds, val losses, met
 ``--work/<name>``. Compare runs at equal compute: the line records ``tokens_seen`` (weighted
 training targets) and ``train_seconds``. ``--eval-only`` rescores a run's model (e.g. at another
 ``--retrieved`` or ``--samples``). A 300-step loop ranks nothing here (every run scores 0), so
-runs use the default's 2,000 steps.
+runs use the default's full step count.
 
 ``--stage sft --base NAME`` instead fine-tunes run ``NAME``'s pretrained model (``--base`` may
 also be a model folder, e.g. ``models/pretrain``) with the ``sft`` overrides and scores every
