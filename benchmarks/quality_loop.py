@@ -36,7 +36,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 from machine import describe_machine
 
@@ -177,7 +176,6 @@ def main() -> None:
     retrieved = default_retrieved if args.retrieved is None else args.retrieved
     results = {}
     t2i = TASKS["text_to_image"]
-    objects = np.array([len(judge.truth(d["objects"])) for d in test.documents])
     for weight in args.cfg or [1.0]:
         plan = strategies(evaluate.decoding, args.strategy, args.samples, weight)
         tick = time.perf_counter()
@@ -186,7 +184,7 @@ def main() -> None:
             model, t2i, test.documents, judge, plan, retrieved, seed, generations=drawn
         )
         # every sample judged, not only the re-ranked one: the generator vs the re-ranker
-        right = sample_correctness(model, test.documents, drawn, judge, "objects")
+        right, objects = sample_correctness(model, test.documents, drawn, judge, "objects")
         metrics.update(generator_columns(right, objects, args.samples))
         metrics["eval_seconds"] = time.perf_counter() - tick
         results[f"cfg_{weight:g}"] = metrics

@@ -162,8 +162,7 @@ def samples_study(
     right = None
     if judge is not None:
         drawn = pool.get(config.strategy, config.cfg_weight, retrieved, max(counts), count)
-        right = sample_correctness(pool.model, documents, drawn, judge, "objects")
-        objects = np.array([len(judge.truth(d["objects"])) for d in documents])
+        right, objects = sample_correctness(pool.model, documents, drawn, judge, "objects")
     rows = []
     for n in sorted(counts):
         generations = pool.get(config.strategy, config.cfg_weight, retrieved, n, count)

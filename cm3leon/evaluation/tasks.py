@@ -228,18 +228,21 @@ def sample_correctness(
     generations: Sequence[Generation],
     judge: SceneJudge,
     truth_key: str,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """``(rows, samples)`` bool: whether each sample (not only the re-ranked one) shows its
-    row's scene exactly — what the generator gets right before the re-ranker chooses."""
+    row's scene exactly — what the generator gets right before the re-ranker chooses — and
+    ``(rows,)`` each row's object count."""
     codes = [c for g in generations for c in g.sample_codes]
     images = model.decode_ids([model.vocab.image_to_vocab(c) for c in codes])
     samples = len(generations[0].sample_codes) if generations else 0
     right = np.zeros((len(rows), samples), dtype=bool)
+    objects = np.zeros(len(rows), dtype=int)
     for i, row in enumerate(rows):
         truth = judge.truth(row[truth_key])
+        objects[i] = len(truth)
         for s in range(samples):
             right[i, s] = compare_scene(truth, judge.parse(images[i * samples + s])).exact
-    return right
+    return right, objects
 
 
 def _exact_scene(rows, images, judge: SceneJudge, truth_key, records) -> dict[str, Any]:
