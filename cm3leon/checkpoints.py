@@ -46,7 +46,14 @@ def load_model_folder(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {folder} is not a {kind} folder")
-    meta = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path}: not a readable {kind} config ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{config_path}: a {kind} config is a JSON object, not {type(meta).__name__}"
+        )
     stored = meta.pop("fingerprint", None)
     weights = weights_path.read_bytes()
     fingerprint = _fingerprint(meta, weights)
@@ -55,7 +62,27 @@ def load_model_folder(
             f"{folder}: {kind} weights or config changed since they were saved "
             f"(fingerprint {stored} != {fingerprint})"
         )
-    return load_file(str(weights_path)), meta, fingerprint
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{weights_path}: not readable {kind} weights ({err})") from None
+    return state, meta, fingerprint
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], folder, kind: str):
+    """``model.load_state_dict(state)``, with a mismatch (a config that does not describe these
+    weights: other shapes, missing or extra tensors) reported as a ``ValueError`` naming the
+    folder instead of torch's traceback."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ValueError(
+            f"{folder}: the {kind} weights do not fit the model its config.json describes "
+            f"({detail})"
+        ) from None
+    return model
 
 
 def _fingerprint(meta: dict, weights: bytes) -> str:

@@ -3,7 +3,9 @@
 ``cm3leon generate | caption | ask | edit`` run the trained model (:mod:`cm3leon.cli_model`);
 ``cm3leon run`` and ``cm3leon schedule`` hand over to the Prefect flow in the project's
 ``flows/pipeline.py`` (the project is the nearest folder upwards holding ``dvc.yaml``), so the
-library never imports the orchestration layer (DESIGN.md §2).
+library never imports the orchestration layer (DESIGN.md §2). ``cm3leon lineage`` traces an
+artifact (:mod:`cm3leon.lineage.lineage`); ``cm3leon verify`` reruns the first stages in a clone
+and compares their hashes with the committed ``dvc.lock`` (:mod:`cm3leon.lineage.verify`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def _lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from cm3leon.lineage import verify as ver
+    from cm3leon.lineage.lineage import LineageError
+
+    try:
+        result = ver.verify(
+            find_project(), args.through, args.rev, args.workdir, args.keep, args.tolerance
+        )
+    except LineageError as err:
+        raise SystemExit(f"cm3leon verify: error: {err}") from None
+    print(json.dumps(result, indent=2) if args.json else ver.format_verify(result))
+    return 0 if result["reproduced"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm3leon", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument(
         "--all-params", action="store_true", help="text: every param, not only changed ones"
     )
+    verify = sub.add_parser(
+        "verify",
+        help="rerun the first stages in a clone and compare their hashes with dvc.lock",
+    )
+    verify.add_argument(
+        "--through",
+        default="tokenize",
+        help="last stage to rerun, with every stage upstream (default tokenize: the data and "
+        "tokenizer stages, ~5 min on 2 cores; evaluate: the whole run)",
+    )
+    verify.add_argument("--rev", default="HEAD", help="git revision whose dvc.lock to check")
+    verify.add_argument("--workdir", help="folder for the clone (default: a temporary one)")
+    verify.add_argument("--keep", action="store_true", help="keep the clone afterwards")
+    verify.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0,
+        help="relative tolerance on the metrics, for a machine whose bytes cannot agree (a GPU, "
+        "ARM, base.numerics.mode: fast): the metrics decide instead of the hashes (default 0: "
+        "every byte)",
+    )
+    verify.add_argument("--json", action="store_true", help="the whole result as JSON")
     args, rest = parser.parse_known_args(argv)
     if args.command in FLOW_COMMANDS:
         return _flow(args.command, rest)
@@ -104,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "lineage":
         return _lineage(args)
+    if args.command == "verify":
+        return _verify(args)
     return run_command(args, find_project())
 
 

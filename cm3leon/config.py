@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
+from cm3leon import numerics
 from cm3leon.decoding_strategies import SAMPLE_PLANS, STRATEGIES
 from cm3leon.tasks import TASKS
 
@@ -42,10 +43,26 @@ class RelativeConfigError(ConfigError):
 
 
 @dataclass(frozen=True)
+class NumericsConfig:
+    """``base.numerics``: which CPU kernels every stage process runs (:mod:`cm3leon.numerics`).
+
+    ``reproducible`` pins MKL, ATen and oneDNN to their AVX2 paths and the thread count to
+    ``threads``, so any x86-64 CPU with AVX2 computes the same bytes; ``fast`` lets each library
+    take the CPU's widest ISA and every core (hashes then depend on the machine)."""
+
+    mode: Literal["reproducible", "fast"] = numerics.DEFAULT_MODE
+    threads: int = numerics.DEFAULT_THREADS
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 1, "base.numerics.threads", "must be >= 1")
+
+
+@dataclass(frozen=True)
 class BaseConfig:
     """``base``: values shared by every stage."""
 
     seed: int = 1234
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
 
     def __post_init__(self) -> None:
         _check(0 <= self.seed < 2**32, "base.seed", "must be in [0, 2**32)")

@@ -20,13 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", required=True, help="corpus folder to write")
+    parser.add_argument(
+        "--raw",
+        default="data/raw",
+        help="the folder dvc.yaml tracks as this stage's input: user data must be inside it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     def work(run: StageRun) -> None:
         params = load_params(args.params)
         bounds = (params.validate.caption_min_chars, params.validate.caption_max_chars)
-        manifest = prepare_corpus(params.data, params.base.seed, args.out, bounds)
+        manifest = prepare_corpus(params.data, params.base.seed, args.out, bounds, args.raw)
         print(
             f"prepare: wrote {manifest['num_documents']} documents to {args.out} "
             f"(splits {manifest['splits']}, tasks {manifest['tasks']}, "

@@ -9,6 +9,8 @@ params and calls the library; this module does the rest, the same way for every 
   keeps each metric's last logged value;
 - the errors a user can fix (bad params or data, a missing input): printed as
   ``<stage>: error: <message>`` on stderr, exit code 1, no traceback;
+- the numeric mode (``base.numerics`` of ``--params``): pinned when this module is imported,
+  the process re-executed once if that changed its environment (:func:`pin_numerics`);
 - the final metrics (`--metrics`): the dict the work returns plus the stage's wall time
   (``stage_seconds``), written atomically on rank 0 and echoed as ``<stage>: {json}``.
 
@@ -27,7 +29,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cm3leon import numerics
 from cm3leon.artifacts import atomic_write_json
+
+
+def pin_numerics(argv: list[str], script: str) -> None:
+    """Pin the kernels of ``base.numerics`` (:mod:`cm3leon.numerics`) for a stage process and,
+    when that changed the environment, re-execute the process so every library loads under it
+    (numpy, faiss and torch may already be imported: the stage script's imports ran first).
+    Only a stage script run as a program does this; importing this module elsewhere (tests,
+    the flow) pins nothing."""
+    if Path(script).resolve().parent != Path(__file__).resolve().parent:
+        return
+    found = numerics.read_numerics(numerics.params_path(argv))
+    if found is not None:  # else the stage's load_params names the bad key
+        numerics.pin_process(*found)
+
+
+pin_numerics(sys.argv[1:], sys.argv[0])
 
 # Errors that speak to the user: every config, corpus, vocab, tokens and memory-bank error of
 # the library is a ValueError; a missing upstream artifact is a FileNotFoundError.

@@ -60,6 +60,7 @@ QUARANTINE_SCHEMA = pa.schema(
     [
         ("file", pa.string()),
         ("row", pa.string()),
+        ("id", pa.string()),  # the row's document id where it has one ("" where it has none)
         ("path", pa.string()),
         ("reason", pa.string()),
     ]

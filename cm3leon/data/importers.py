@@ -60,9 +60,16 @@ class InvalidRow:
     row: str
     path: str
     reason: str
+    id: str = ""  # the document id the row gives (or would have had), "" where it has none
 
     def as_dict(self) -> dict[str, str]:
-        return {"file": self.file, "row": self.row, "path": self.path, "reason": self.reason}
+        return {
+            "file": self.file,
+            "row": self.row,
+            "id": self.id,
+            "path": self.path,
+            "reason": self.reason,
+        }
 
     def __str__(self) -> str:
         return f"{self.file}:{self.row}: {self.path or '-'}: {self.reason}"
@@ -340,7 +347,8 @@ def load_manifest(
                 )
         if problems or image is None:
             shown = given if isinstance(given, str) else ("" if _missing(given) else repr(given))
-            result.invalid.append(InvalidRow(file, label, shown, "; ".join(problems)))
+            reason = "; ".join(problems)
+            result.invalid.append(InvalidRow(file, label, shown, reason, record_id or ""))
             continue
         result.records.append(
             CorpusRecord(
@@ -421,7 +429,8 @@ def load_coco(
             continue
         caption, problem = _caption(ann.get("caption"), caption_chars)
         if problem:
-            bad_annotations.append(InvalidRow(file, label, file_name_of[owner] or "", problem))
+            shown = file_name_of[owner] or ""
+            bad_annotations.append(InvalidRow(file, label, shown, problem, f"coco-{image_id}"))
         else:
             captions.setdefault(owner, []).append(caption)
 
@@ -438,7 +447,8 @@ def load_coco(
             reason = "; ".join(problems)
             if caps:
                 reason += f" ({len(caps)} caption{'s' if len(caps) != 1 else ''} set aside)"
-            result.invalid.append(InvalidRow(file, label, file_name or "", reason))
+            ident = f"coco-{image_id}" if image_id is not None else ""
+            result.invalid.append(InvalidRow(file, label, file_name or "", reason, ident))
             continue
         result.records.append(
             CorpusRecord(

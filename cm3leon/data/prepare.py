@@ -19,6 +19,7 @@ as one atomic corpus folder (:mod:`cm3leon.data.corpus`).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,14 @@ def prepare_corpus(
     seed: int,
     out_dir: str | Path,
     caption_chars: tuple[int, int] = CAPTION_CHARS,
+    tracked: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the corpus for ``config`` to ``out_dir``; returns its manifest. User rows whose
     caption is outside ``caption_chars`` (the validation gate's bounds) are invalid rows, under
-    ``data.on_invalid`` like any other."""
+    ``data.on_invalid`` like any other. ``tracked``: the folder the pipeline tracks as this
+    stage's input (``data/raw``); user data paths outside it are refused (:func:`check_tracked`)."""
+    if tracked is not None:
+        check_tracked(config, tracked)
     if config.source == "shapeworld":
         scenes = generate_scenes(config.shapeworld, seed)
         records, quarantine = _shapeworld_records(scenes, config, seed), []
@@ -88,6 +93,28 @@ def prepare_corpus(
         quarantine=quarantine,
         extra=judge,
     )
+
+
+def check_tracked(config: DataConfig, tracked: str | Path) -> None:
+    """Refuse user data outside ``tracked``: DVC hashes only that folder as ``prepare``'s
+    input, so a manifest or image folder elsewhere could change without ``dvc status`` seeing
+    it, and the corpus would silently be stale. Paths are compared as written (made absolute,
+    ``..`` resolved), so a symlink placed inside ``tracked`` is accepted."""
+    if config.source == "manifest":
+        paths = {"path": config.manifest.path, "root": config.manifest.root}
+    elif config.source == "coco":
+        paths = {"annotations": config.coco.annotations, "images": config.coco.images}
+    else:
+        return
+    root = Path(os.path.abspath(tracked))
+    for key, value in paths.items():
+        if value is not None and not Path(os.path.abspath(value)).is_relative_to(root):
+            raise ValueError(
+                f"data.{config.source}.{key}: {value} is outside {tracked}, the folder dvc.yaml "
+                "tracks as prepare's input, so a change there would not rerun the pipeline; put "
+                "your data under "
+                f"{tracked}/ (copy it, link it there, or `dvc import` it)"
+            )
 
 
 def _shapeworld_records(scenes: list[Scene], config: DataConfig, seed: int) -> list[CorpusRecord]:

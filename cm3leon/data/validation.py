@@ -18,7 +18,9 @@ progress bars are off, and nothing touches the network.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import html
 import json
 import os
 import re
@@ -291,12 +293,37 @@ def _run_suite(
         gx.Checkpoint(
             name=name,
             validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=[DOCS_SITE])],
+            actions=[],  # Data Docs are built afterwards, from escaped copies (_html_safe)
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": sample},
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=_run_id())
+    for key, value in result.run_results.items():
+        context.validation_results_store.set(key, _html_safe(value))
     return next(iter(result.run_results.values()))
+
+
+def _html_safe(result: ExpectationSuiteValidationResult) -> ExpectationSuiteValidationResult:
+    """A copy of ``result`` whose values from the data (offending values, observed values,
+    error messages) are HTML-escaped: great_expectations writes them into the Data Docs pages
+    as they are, so a caption holding ``<img onerror=...>`` would be live markup there. The
+    returned result (summary, metrics) keeps the raw values."""
+    safe = copy.deepcopy(result)
+    for each in safe.results:
+        each.result = _escaped(each.result)
+        if isinstance(each.exception_info, dict):
+            each.exception_info = _escaped(each.exception_info)
+    return safe
+
+
+def _escaped(value: Any) -> Any:
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, dict):
+        return {k: _escaped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_escaped(v) for v in value)
+    return value
 
 
 def _failures(suite: str, result: ExpectationSuiteValidationResult, sample: int) -> list[Failure]:
@@ -408,6 +435,7 @@ def validate_corpus(
             name: _run_suite(context, name, frame, expectations, config.sample_failures)
             for name, (frame, expectations) in frames.items()
         }
+        context.build_data_docs(site_names=[DOCS_SITE])
         _without_render_times(docs_dir)
     failures = [
         f for name, r in results.items() for f in _failures(name, r, config.sample_failures)
@@ -488,6 +516,6 @@ def _write_report(
         head += (
             f"{m['quarantined_rows']} invalid input rows were set aside by prepare "
             "(`data.on_invalid: quarantine`): the corpus's `quarantine.parquet` lists each with "
-            "its file, row and reason.\n\n"
+            "its file, row, document id and reason.\n\n"
         )
     atomic_write_text(report_dir / "summary.md", head + report.format_failures())

@@ -249,9 +249,13 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def format_lineage(record: dict[str, Any], all_params: bool = False) -> str:
+def format_lineage(
+    record: dict[str, Any], all_params: bool = False, run_context: bool = True
+) -> str:
     """The ``cm3leon lineage`` text: the sample's provenance, then each upstream stage once
-    with the params that differ from the defaults (``all_params``: every param it reads)."""
+    with the params that differ from the defaults (``all_params``: every param it reads).
+    ``run_context`` False leaves out what describes the moment of asking rather than the
+    artifacts — the git commit and dirty flag, the Prefect runs found — as the report does."""
     lines = [f"{record['path']}"]
     sample = record.get("sample")
     if sample is not None:
@@ -264,7 +268,8 @@ def format_lineage(record: dict[str, Any], all_params: bool = False) -> str:
         for doc in retrieved:
             lines.append(f"      {doc['id']}  score {doc['score']:.4f}  {doc['caption']}")
     git = record["git"]
-    lines.append(f"  git commit {git['commit']}{' (dirty)' if git['dirty'] else ''}")
+    if run_context:
+        lines.append(f"  git commit {git['commit']}{' (dirty)' if git['dirty'] else ''}")
     lines.append("  packages: " + ", ".join(f"{k} {v}" for k, v in record["packages"].items()))
     stages = record["stages"]
     lines.append(
@@ -272,16 +277,20 @@ def format_lineage(record: dict[str, Any], all_params: bool = False) -> str:
         "--json has every hash):"
     )
     for node in stages.values():
-        _format_node(node, lines, all_params)
+        _format_node(node, lines, all_params, run_context)
     return "\n".join(lines)
 
 
-def _format_node(node: dict[str, Any], lines: list[str], all_params: bool) -> None:
+def _format_node(
+    node: dict[str, Any], lines: list[str], all_params: bool, run_context: bool = True
+) -> None:
     outputs = ", ".join(f"{o['path']} [{o['md5']}]" for o in node["outputs"])
     lines.append(f"  stage '{node['stage']}' -> {outputs}")
     lines.append(f"    cmd: {node['cmd']}")
     run = node.get("prefect_run")
-    if run:
+    if not run_context:
+        pass
+    elif run:
         lines.append(
             f"    prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
             f"task run {run['task_run_id']}: {run['state']} at {run['finished']}"
@@ -296,6 +305,7 @@ def _format_node(node: dict[str, Any], lines: list[str], all_params: bool) -> No
             f"{env.get('torch')}, {env.get('blas')}, {env.get('threads')} threads x "
             f"{env.get('processes')} processes, {env.get('device')} {env.get('precision')}"
             + (f", {env['gpu']}" if env.get("gpu") else "")
+            + f", numerics {(env.get('numerics') or {}).get('mode', 'not recorded')}"
         )
     shown = node["params"] if all_params else node["params_changed"]
     what = "params" if all_params else "params differing from the defaults"
@@ -364,7 +374,8 @@ def resolve_revision(project: Path, rev: str) -> str:
     return found[0]
 
 
-def _lock_at(project: Path, rev: str | None) -> dict[str, dict[str, Any]]:
+def lock_at(project: Path, rev: str | None) -> dict[str, dict[str, Any]]:
+    """The stages of ``dvc.lock`` at git commit ``rev`` (None: the workspace's)."""
     if rev is None:
         return read_lock(project)
     done = subprocess.run(
@@ -383,7 +394,7 @@ def lineage_diff(project: str | Path, a: str, b: str | None = None) -> dict[str,
     project = Path(project).resolve()
     rev_a = resolve_revision(project, a)
     rev_b = None if b is None else resolve_revision(project, b)
-    lock_a, lock_b = _lock_at(project, rev_a), _lock_at(project, rev_b)
+    lock_a, lock_b = lock_at(project, rev_a), lock_at(project, rev_b)
     params: dict[str, dict[str, Any]] = {}
     stages: dict[str, dict[str, list[str]]] = {}
     for stage in sorted(set(lock_a) | set(lock_b), key=_stage_order(lock_a, lock_b)):

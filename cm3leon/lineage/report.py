@@ -248,7 +248,7 @@ def build_report(
         "<h3>Splits</h3>" + _table([corpus.get("splits") or {}]),
         f"<h3>Quarantined rows</h3><p>{quarantine} rows set aside "
         f"(<code>{html.escape(str(inputs.corpus / 'quarantine.parquet'))}</code>, each with "
-        "its file, row and reason).</p>",
+        "its file, row, document id and reason).</p>",
         "<h3>Task tables</h3>" + _table([corpus.get("tasks") or {}]),
     ]
     sections.append("".join(data_card))
@@ -259,7 +259,9 @@ def build_report(
     for model in map(str, inputs.models):
         if (root / model).exists():
             try:
-                text = format_lineage(trace(root, model))
+                # Without the git state and Prefect runs of the moment it renders: the page
+                # is an output, and equal artifacts must give equal bytes (cm3leon verify).
+                text = format_lineage(trace(root, model), run_context=False)
             except ValueError as err:
                 text = f"(no lineage: {err})"
             traced.append(model)
@@ -272,8 +274,11 @@ def build_report(
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         f"<title>cm3leon report</title><style>{CSS}</style></head><body>"
         "<h1>cm3leon: model and data report</h1>"
-        f'<p class="note">Built from the artifacts in {html.escape(root.resolve().name)}'
-        " and dvc.lock.</p>" + contents + body + "</body></html>\n"
+        '<p class="note">Built from the artifacts and dvc.lock of the run (the git commit that '
+        "holds them is the one this page is committed in).</p>"
+        + contents
+        + body
+        + "</body></html>\n"
     )
     atomic_write_text(out_file, page)
     return {"models_traced": traced, "metrics_rows": len(metrics_rows(evaluation))}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from cm3leon.artifacts import atomic_dir
-from cm3leon.checkpoints import load_model_folder, save_model_folder
+from cm3leon.checkpoints import load_model_folder, load_weights, save_model_folder
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.vocab import Vocab
 
@@ -39,6 +39,10 @@ def load_decoder(folder: str | Path) -> tuple[DecoderLM, Vocab, dict[str, Any], 
     """Rebuild an exported model: ``(model in eval mode, vocab, metadata, fingerprint)``."""
     state, meta, fingerprint = load_model_folder(folder, "transformer")
     vocab = Vocab.load(folder)
-    model = DecoderLM(TransformerShape.from_dict(meta["shape"]))
-    model.load_state_dict(state)
+    try:
+        shape = TransformerShape.from_dict(meta["shape"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{folder}/config.json: no valid transformer shape ({err!r})") from None
+    model = DecoderLM(shape)
+    load_weights(model, state, folder, "transformer")
     return model.eval(), vocab, meta, fingerprint

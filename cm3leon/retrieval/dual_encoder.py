@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cm3leon.checkpoints import load_model_folder, save_model_folder
+from cm3leon.checkpoints import load_model_folder, load_weights, save_model_folder
 from cm3leon.config import ConfigError, RetrieverConfig, from_mapping
+from cm3leon.environment import numeric_environment
 
 
 class TextEncoder(nn.Module):
@@ -167,6 +168,7 @@ def save_dual_encoder(model: DualEncoder, folder: str | Path) -> str:
         "config": asdict(model.config),
         "text_vocab_size": model.text_vocab_size,
         "image_size": model.image_size,
+        "environment": numeric_environment(),  # what shaped its numbers (cm3leon.numerics)
     }
     return save_model_folder(folder, model.state_dict(), meta)
 
@@ -178,5 +180,5 @@ def load_dual_encoder(folder: str | Path) -> tuple[DualEncoder, str]:
         model = DualEncoder(config, meta["text_vocab_size"], meta["image_size"])
     except (ConfigError, KeyError) as err:
         raise ConfigError(f"{folder}: invalid retriever config: {err}") from None
-    model.load_state_dict(state)
+    load_weights(model, state, folder, "retriever")
     return model.eval(), fingerprint

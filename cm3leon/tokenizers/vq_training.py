@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cm3leon.checkpoints import load_model_folder, save_model_folder
+from cm3leon.checkpoints import load_model_folder, load_weights, save_model_folder
 from cm3leon.config import ConfigError, VQConfig, VQTrainConfig, from_mapping
 from cm3leon.data.masks import binarize_mask
 from cm3leon.data.masks import mask_iou as single_mask_iou
+from cm3leon.environment import numeric_environment
 from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vq import VQModel, psnr, to_model_input, to_uint8
 
@@ -149,8 +150,11 @@ def mask_iou(masks: np.ndarray, reconstructions: np.ndarray) -> float:
 
 
 def save_vq(model: VQModel, folder: str | Path) -> str:
-    """Write weights + config (see :mod:`cm3leon.checkpoints`); returns the fingerprint."""
-    return save_model_folder(folder, model.state_dict(), {"config": asdict(model.config)})
+    """Write weights + config (see :mod:`cm3leon.checkpoints`) and the numeric environment it
+    was trained in (:func:`~cm3leon.environment.numeric_environment`); returns the
+    fingerprint."""
+    meta = {"config": asdict(model.config), "environment": numeric_environment()}
+    return save_model_folder(folder, model.state_dict(), meta)
 
 
 def load_vq(folder: str | Path) -> tuple[VQModel, str]:
@@ -161,5 +165,5 @@ def load_vq(folder: str | Path) -> tuple[VQModel, str]:
     except (ConfigError, KeyError) as err:
         raise ConfigError(f"{folder}: invalid VQ config: {err}") from None
     model = VQModel(config)
-    model.load_state_dict(state)
+    load_weights(model, state, folder, "VQ tokenizer")
     return model.eval(), fingerprint

@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cm3leon.environment import numeric_environment
 from cm3leon.model.io import export_model
 from cm3leon.model.transformer import TransformerShape
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import Process
-from cm3leon.training.environment import numeric_environment
 from cm3leon.training.loop import full_state_dict
 
 

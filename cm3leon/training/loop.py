@@ -149,6 +149,8 @@ def train(
             }
             if peak is not None:
                 logged["train/mfu"] = flops / max(elapsed, 1e-9) / peak
+                # the machine's speed beside the stage's seconds (a VM's can halve in an hour)
+                logged["train/matmul_peak_gflops"] = peak / 1e9
             _log(on_log, rank, done, logged)
             progress.train(logged)
             tokens, slots, flops, window_start = 0, 0, 0.0, time.perf_counter()

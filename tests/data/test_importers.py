@@ -226,6 +226,9 @@ def test_every_invalid_kind_is_reported(ds: Path, tmp_path: Path, policy: str) -
         assert [q["row"] for q in quarantine] == list(expected)
         table = pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
         assert table.num_rows == len(expected)
+        rows, ids = table.column("row").to_pylist(), table.column("id").to_pylist()
+        ids = dict(zip(rows, ids, strict=True))
+        assert ids["2"] == "row-2"  # a row without an id: the id it would have had
 
 
 def test_invalid_rows_in_csv_and_parquet(ds: Path) -> None:
@@ -357,6 +360,8 @@ def test_coco_groups_captions_and_reports_invalid_rows(ds: Path) -> None:
         apply_invalid_policy(result, "fail")
     records, quarantine = apply_invalid_policy(result, "quarantine")
     assert len(records) == 2 and len(quarantine) == 6
+    ids = {q["row"]: q["id"] for q in quarantine}  # the corpus id each row is about
+    assert ids["images[5]"] == "coco-1" and ids["annotations[2]"] == ""
 
 
 def test_coco_dataset_errors(ds: Path) -> None:
@@ -371,8 +376,9 @@ def test_coco_dataset_errors(ds: Path) -> None:
 
 
 def test_invalid_row_as_dict_matches_quarantine_schema() -> None:
-    row = InvalidRow("m.csv", "3", "img/x.png", "caption is empty")
+    row = InvalidRow("m.csv", "3", "img/x.png", "caption is empty", "cat-3")
     assert list(row.as_dict()) == QUARANTINE_SCHEMA.names
+    assert row.as_dict()["id"] == "cat-3"
     assert str(row) == "m.csv:3: img/x.png: caption is empty"
 
 

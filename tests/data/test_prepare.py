@@ -1,10 +1,12 @@
 """The prepare library call: ShapeWorld corpus end to end, byte-identical for the same seed."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from cm3leon.artifacts import folder_digest
-from cm3leon.config import DataConfig, ManifestConfig, ShapeWorldConfig
+from cm3leon.config import CocoConfig, DataConfig, ManifestConfig, ShapeWorldConfig
 from cm3leon.data.corpus import (
     decode_images,
     iter_documents,
@@ -80,3 +82,24 @@ def test_user_data_with_no_valid_row_names_every_reason(tmp_path):
         assert "m.csv:1: missing.png: image file not found" in text
         assert "m.csv:2: other.png: caption is empty" in text
         assert not (tmp_path / "corpus").exists()
+
+
+def test_user_data_outside_the_tracked_folder_is_refused(tmp_path):
+    """dvc.yaml tracks data/raw as prepare's input: data elsewhere could change unseen."""
+    raw = tmp_path / "raw"
+    (raw / "img").mkdir(parents=True)
+    outside = tmp_path / "elsewhere.csv"
+    outside.write_text("image,caption\nimg/a.png,a cat\n", encoding="utf-8")
+    config = DataConfig(source="manifest", manifest=ManifestConfig(path=str(outside)))
+    with pytest.raises(ValueError, match=r"data\.manifest\.path: .*elsewhere\.csv is outside"):
+        prepare_corpus(config, 1, tmp_path / "corpus", tracked=raw)
+    sneaky = ManifestConfig(path=str(raw / ".." / "elsewhere.csv"))  # '..' counts as outside
+    with pytest.raises(ValueError, match="is outside"):
+        prepare_corpus(replace(config, manifest=sneaky), 1, tmp_path / "corpus", tracked=raw)
+    inside = ManifestConfig(path=str(raw / "m.csv"), root=str(tmp_path))  # a root outside too
+    with pytest.raises(ValueError, match=r"data\.manifest\.root: .* is outside"):
+        prepare_corpus(replace(config, manifest=inside), 1, tmp_path / "corpus", tracked=raw)
+    coco = DataConfig(source="coco", coco=CocoConfig(annotations=str(outside), images=str(raw)))
+    with pytest.raises(ValueError, match=r"data\.coco\.annotations"):
+        prepare_corpus(coco, 1, tmp_path / "corpus", tracked=raw)
+    assert not (tmp_path / "corpus").exists()

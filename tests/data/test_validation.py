@@ -187,6 +187,23 @@ def test_duplicate_id(tmp_path: Path) -> None:
     assert "doc-000" in report.format_failures()
 
 
+def test_offending_values_are_escaped_in_the_data_docs(tmp_path: Path) -> None:
+    """A value from the data is text in the Data Docs, never markup (a caption or id may hold
+    anything the user's data holds)."""
+    attack = '<img src=x onerror="alert(1)">'
+    records = make_records()
+    records[1] = replace(records[1], id=attack)
+    records[2] = replace(records[2], id=attack)  # a duplicate id: shown as an offending value
+    report = run(tmp_path, build(tmp_path, records))
+    assert ("documents", "expect_column_values_to_be_unique", "id") in failed(report)
+    assert attack in report.format_failures()  # the summary (Markdown) keeps the raw value
+    pages = "".join(
+        p.read_text(encoding="utf-8") for p in (tmp_path / "report" / "data_docs").rglob("*.html")
+    )
+    assert "&lt;img src=x onerror=" in pages
+    assert "<img src=x" not in pages
+
+
 def test_same_image_in_two_splits(tmp_path: Path) -> None:
     records = make_records()
     records[35] = replace(records[35], image=records[0].image.copy())  # val gets a train image

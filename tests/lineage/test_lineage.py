@@ -72,6 +72,11 @@ def test_every_upstream_stage_appears_once(tmp_path: Path) -> None:
     assert "      base.seed = 7" in text and "data.image_size" not in text
     assert "      data.image_size = 32" in format_lineage(record, all_params=True)
     assert "    input data/raw [md5-data/raw] <- source data" in text
+    # The report's form: what the artifacts are, not the moment of asking (git, Prefect runs).
+    assert "  git commit " in text and "    prefect: " in text
+    stable = format_lineage(record, run_context=False)
+    assert "git commit" not in stable and "prefect: " not in stable
+    assert [line for line in stable.splitlines() if line.startswith("  stage '")] == headers
 
 
 def test_dot_and_mermaid_draw_each_edge_once(tmp_path: Path) -> None:

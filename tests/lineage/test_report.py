@@ -77,6 +77,19 @@ def test_report_holds_the_metrics_and_needs_no_network(report):
     assert summary["metrics_rows"] == 6
 
 
+def test_equal_artifacts_give_an_equal_page_wherever_the_project_lives(report, tmp_path):
+    """The page is an output (``cm3leon verify`` compares its bytes): a clone in another
+    folder renders the same page."""
+    out, _ = report
+    root = out.parents[1]
+    elsewhere = tmp_path / "a-clone-elsewhere"
+    shutil.copytree(root, elsewhere, ignore=shutil.ignore_patterns("index.html"))
+    inputs = ReportInputs.from_arguments(stage_arguments(elsewhere, "report"))
+    again = elsewhere / "reports/index.html"
+    build_report(elsewhere, inputs, load_params(elsewhere / "params.yaml"), again)
+    assert again.read_bytes() == out.read_bytes()
+
+
 def test_sample_grids_are_labelled(report):
     """Each text-to-image grid says which row is the target and which the generation, and
     lists its columns' prompts (as many as the grid has columns, escaped) with correctness."""

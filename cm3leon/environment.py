@@ -3,13 +3,15 @@
 The same params and seed give the same weights only where the kernels that computed them are
 the same: the CPU (vendor, model, the ISA ATen dispatches to), the torch build and its BLAS
 (MKL takes vendor-dependent code paths), the thread count (reduction order), the device and
-precision. When two runs' hashes differ, this record says whether the environment did too;
-``cm3leon lineage`` prints it for each trained model.
+precision, and the numeric mode that pinned the kernels (:mod:`cm3leon.numerics`; under its
+reproducible pins the CPU model is not recorded, since it no longer shapes the numbers). When two
+runs' hashes differ, this record says whether the environment did too; ``cm3leon lineage``
+prints it for each trained model, and every model folder keeps it (the transformers, the VQ
+tokenizer, the retriever).
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 from pathlib import Path
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
+from cm3leon import numerics
+
+PINNED_CPU = "any x86-64 with AVX2 (reproducible numerics)"
 
 
 def cpu_model() -> str:
@@ -40,11 +44,17 @@ def _blas() -> str | None:
     return found.group(1) if found else None
 
 
-def numeric_environment(device: torch.device, world: int, bf16: bool) -> dict[str, Any]:
+def numeric_environment(
+    device: torch.device | str = "cpu", world: int = 1, bf16: bool = False
+) -> dict[str, Any]:
     """What shaped the numbers of a training run on ``device`` with ``world`` processes."""
+    device = torch.device(device)
+    mode = numerics.record()
     environment: dict[str, Any] = {
         "machine": platform.machine(),
-        "cpu": cpu_model(),
+        # Under the reproducible pins the CPU model did not shape the numbers, and naming it
+        # would make the same weights hash differently on two machines.
+        "cpu": PINNED_CPU if mode["mode"] == "reproducible" else cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "blas": _blas(),
@@ -52,7 +62,7 @@ def numeric_environment(device: torch.device, world: int, bf16: bool) -> dict[st
         "processes": world,
         "device": device.type,
         "precision": "bf16" if bf16 else "fp32",
-        "variables": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},
+        "numerics": mode,
     }
     if device.type == "cuda":
         environment["gpu"] = torch.cuda.get_device_name(device)
