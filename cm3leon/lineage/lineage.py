@@ -287,16 +287,14 @@ def _format_node(
     outputs = ", ".join(f"{o['path']} [{o['md5']}]" for o in node["outputs"])
     lines.append(f"  stage '{node['stage']}' -> {outputs}")
     lines.append(f"    cmd: {node['cmd']}")
-    run = node.get("prefect_run")
-    if not run_context:
-        pass
-    elif run:
+    run = node.get("prefect_run") if run_context else None
+    if run:
         lines.append(
             f"    prefect flow run {run['flow_run_id']} ({run['flow_run_name']}), "
             f"task run {run['task_run_id']}: {run['state']} at {run['finished']}"
             + (f", shard runner {run['shard_runner']}" if run.get("shard_runner") else "")
         )
-    else:
+    elif run_context:
         lines.append("    prefect: no flow run left this output (run with plain dvc repro)")
     env = node.get("environment")
     if env:

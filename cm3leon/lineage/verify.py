@@ -90,13 +90,16 @@ def _cells(text: str) -> list[list[Any]]:
 
 
 def _close(a: Any, b: Any, tolerance: float) -> bool:
-    """Equal, numbers within ``tolerance`` (relative), at any depth of dicts and lists."""
+    """Equal, numbers within ``tolerance`` (relative; NaN equals NaN: JSON metrics hold NaN
+    for a loss with no targets), at any depth of dicts and lists."""
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_close(a[k], b[k], tolerance) for k in a)
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y, tolerance) for x, y in zip(a, b, strict=True))
     numbers = (int, float)
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        if math.isnan(a) or math.isnan(b):  # a metric that is NaN in both runs agrees
+            return math.isnan(a) and math.isnan(b)
         return math.isclose(a, b, rel_tol=tolerance, abs_tol=0.0)
     return a == b
 
@@ -230,7 +233,7 @@ def verify(
     """Rerun the stages up to ``through`` in a clone of ``project`` at ``rev`` and compare its
     ``dvc.lock`` with the committed one (module docstring; ``tolerance``: see
     :func:`compare_locks`). The clone lives in ``workdir`` (default: a new temporary folder),
-    removed afterwards unless ``keep``. DVC's output goes to this process's terminal, so its
+    removed afterwards unless ``keep``. DVC's output goes to this process's stderr, so its
     progress shows."""
     project = Path(project).resolve()
     commit = resolve_revision(project, rev)
@@ -247,7 +250,12 @@ def verify(
         if done.returncode != 0:
             raise LineageError(f"git checkout {commit} failed: {done.stderr.strip()}")
         dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
-        ran = subprocess.run([dvc, "repro", through], cwd=clone)
+        # DVC's progress goes to stderr: stdout is the result's (``--json`` stays parseable)
+        try:
+            progress: int | None = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):
+            progress = None  # a stderr without a file (an embedding app): DVC's own stdout
+        ran = subprocess.run([dvc, "repro", through], cwd=clone, stdout=progress)
         if ran.returncode != 0:
             raise LineageError(f"dvc repro {through} failed in {clone} (exit {ran.returncode})")
         rerun = read_lock(clone)
