@@ -14,6 +14,7 @@ absent from ``params.yaml`` takes its defaults.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -618,6 +619,28 @@ class FlowConfig:
         _check(self.stage_timeout_seconds > 0, "flow.stage_timeout_seconds", "must be > 0")
 
 
+# GTO's rule for artifact and stage names (lower case, digits, inner hyphens).
+REGISTRY_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """``registry``: which models get a GTO version and stage (``cm3leon register``, the
+    flow's ``register``; :mod:`cm3leon.lineage.registry`). A model declared under ``artifacts:``
+    in ``dvc.yaml`` gets a version when the metric its ``meta.gate`` names (``FILE:key``, a path
+    so it lives in dvc.yaml) is at least ``gates[name]``; a declared model without a minimum
+    here is an error, not an ungated registration. Not a stage's param: changing a gate reruns
+    nothing."""
+
+    stage: str = "candidate"  # the GTO stage each new version is assigned
+    gates: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(REGISTRY_NAME.match(self.stage)), "registry.stage", "lower case, digits, -")
+        for name in self.gates:
+            _check(bool(REGISTRY_NAME.match(name)), f"registry.gates.{name}", "not a GTO name")
+
+
 @dataclass(frozen=True)
 class Params:
     """All of ``params.yaml``."""
@@ -631,6 +654,7 @@ class Params:
     sft: SFTConfig = field(default_factory=SFTConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

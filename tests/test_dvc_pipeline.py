@@ -108,6 +108,12 @@ def check_evaluate_outputs(root):
         (eval_dir / "generations/pretrain/text_to_image" / m["file"]).is_file() for m in manifest
     )
     assert all(len(m["retrieved"]) >= 1 for m in manifest)  # pretrain generates with retrieval
+    # the retrieval study's generations at its most documents name what each prompt retrieved
+    study = json.loads((eval_dir / "generations/pretrain/retrieved_docs/manifest.json").read_text())
+    assert len(study) == retrieved[1]["examples"] and all(m["retrieved_k"] == 1 for m in study)
+    mean_docs = sum(len(m["retrieved"]) for m in study) / len(study)
+    assert round(mean_docs, 3) == retrieved[1]["mean_retrieved"]
+    assert all(d["id"] and isinstance(d["score"], float) for m in study for d in m["retrieved"])
     captions = json.loads((eval_dir / "predictions/sft_captions.json").read_text())
     assert len(captions) == 6 and set(captions[0]) == {"image_id", "caption"}  # COCO results
     assert (eval_dir / "samples/sft_text_to_image.png").is_file()

@@ -9,10 +9,13 @@ baseline — and writes ``out_dir`` atomically::
                                       pretrain_vs_sft
     plots/<study>.png                 the same tables as figures
     samples/<model>_text_to_image.png prompts' true image, then the model's samples (grid)
-    samples/tasks.png                 three rows per image task: input, pretrain, SFT
+    samples/tasks.png|.json           rows per image task: input (if any), target, pretrain,
+                                      SFT output; the JSON names each row
     samples/infilling.png             true images, then each model's infilled middle rows
     generations/<model>/<task>/*.png  every generated image, one PNG each, and manifest.json
                                       (prompt, correctness, retrieved documents, strategy, seed)
+    generations/pretrain/retrieved_docs/  the retrieval study's images at its most retrieved
+                                      documents, with each prompt's documents (ids, scores)
     predictions/<model>_captions.json COCO caption results format [{"image_id", "caption"}]
     predictions/<model>_vqa.json      [{"image_id", "question", "answer"}]
 
@@ -175,7 +178,7 @@ def evaluate(
     tables["samples"] = studies.samples_study(
         pools["sft"], count, judge, study.samples, config.sft_retrieved
     )
-    tables["retrieved_docs"] = studies.retrieval_study(
+    tables["retrieved_docs"], retrieval_records = studies.retrieval_study(
         pools["pretrain"], count, judge, study.retrieved, study_samples
     )
     log(f"samples and retrieval studies ({time.perf_counter() - tick:.0f}s)")
@@ -216,6 +219,16 @@ def evaluate(
     with atomic_dir(out_dir) as tmp:
         _write_tables(tmp, tables)
         _write_generations(tmp, models, test, records, decoding, seed, retrieved)
+        # The retrieval study's generations at its most documents: what each prompt retrieved
+        # from the memory bank (ids, scores), for the report's thumbnails and for auditors.
+        _write_image_records(
+            tmp / "generations" / "pretrain" / "retrieved_docs",
+            test.documents[:count],
+            retrieval_records,
+            "pretrain",
+            seed,
+            max(study.retrieved),
+        )
         _write_grids(tmp, models, test, records, config.grid_examples)
         _write_infilling_grid(tmp, infill_docs, infill_records, config.grid_examples)
         (tmp / "metrics.json").write_text(
@@ -357,24 +370,10 @@ def _write_generations(out, models, test, records, decoding, seed, retrieved) ->
         for task, rows in records[name].items():
             if TASKS[task].output == "text":  # predictions files below, no images
                 continue
-            folder = out / "generations" / name / task
-            folder.mkdir(parents=True)
             source = test.documents if task == "text_to_image" else test.tasks[task]
-            manifest = []
-            for i, (row, record) in enumerate(zip(source, rows, strict=True)):
-                file = f"{i:04d}.png"
-                write_png(folder / file, record["image"])
-                entry = {k: v for k, v in record.items() if k != "image"}
-                entry.update(
-                    file=file,
-                    source_id=row.get("id", row.get("image_id")),
-                    prompt=row.get("caption", row.get("instruction", row.get("prompt"))),
-                    model=name,
-                    seed=seed,
-                    retrieved_k=retrieved[name],
-                )
-                manifest.append(entry)
-            (folder / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=1) + "\n")
+            _write_image_records(
+                out / "generations" / name / task, source, rows, name, seed, retrieved[name]
+            )
         if "captioning" in records[name]:
             captions = [
                 {"image_id": r["image_id"], "caption": r["caption"]}
@@ -393,6 +392,28 @@ def _write_generations(out, models, test, records, decoding, seed, retrieved) ->
             )
 
 
+def _write_image_records(folder: Path, source, records, model: str, seed: int, k: int) -> None:
+    """One PNG per generated image and ``manifest.json``: per image its file, the source row's
+    id, the prompt, the model, seed, retrieved-document count and the record's fields (the
+    retrieved documents' ids, captions and scores, strategies, correctness)."""
+    folder.mkdir(parents=True)
+    manifest = []
+    for i, (row, record) in enumerate(zip(source, records, strict=True)):
+        file = f"{i:04d}.png"
+        write_png(folder / file, record["image"])
+        entry = {key: v for key, v in record.items() if key != "image"}
+        entry.update(
+            file=file,
+            source_id=row.get("id", row.get("image_id")),
+            prompt=row.get("caption", row.get("instruction", row.get("prompt"))),
+            model=model,
+            seed=seed,
+            retrieved_k=k,
+        )
+        manifest.append(entry)
+    (folder / "manifest.json").write_text(json.dumps(_jsonable(manifest), indent=1) + "\n")
+
+
 def _write_grids(out, models, test, records, count) -> None:
     (out / "samples").mkdir()
     truth = test.documents[:count]
@@ -403,20 +424,38 @@ def _write_grids(out, models, test, records, count) -> None:
         write_png(
             out / "samples" / f"{name}_text_to_image.png", image_grid([real, generated], scale=3)
         )
-    rows = []
-    for task in (s.name for s in TASKS.values() if s.output == "image" and s.table is not None):
-        examples = test.tasks[task][:count]
-        if not examples or task not in records["sft"]:
+    # samples/tasks.png: per image-output task with a test table, its input image (when the
+    # task reads one), the target, the pretrained and the SFT model's output; tasks.json names
+    # each row of the grid (task, role) so the report labels it without knowing the layout.
+    rows, labels = [], []
+    for spec in (s for s in TASKS.values() if s.output == "image" and s.table is not None):
+        examples = test.tasks[spec.name][:count]
+        if not examples or spec.name not in records["sft"]:
             continue
-        rows.append(np.stack([r["pixels"] for r in examples]))
+        document = np.stack([r["pixels"] for r in examples])
+        if spec.image is None:  # the task draws its document's image (grounding)
+            rows.append(document)
+            labels.append({"task": spec.name, "row": "target"})
+        else:
+            rows.append(document)
+            labels.append({"task": spec.name, "row": "input"})
+            rows.append(np.stack([_rgb(r[spec.image.column]) for r in examples]))
+            labels.append({"task": spec.name, "row": "target"})
         for name in ("pretrain", "sft"):
-            rows.append(np.stack([r["image"] for r in records[name][task][:count]]))
+            rows.append(np.stack([_rgb(r["image"]) for r in records[name][spec.name][:count]]))
+            labels.append({"task": spec.name, "row": f"{name} output"})
     if rows:
         width = max(len(r) for r in rows)
         rows = [
             np.concatenate([r, np.zeros((width - len(r), *r.shape[1:]), np.uint8)]) for r in rows
         ]
         write_png(out / "samples" / "tasks.png", image_grid(rows, scale=3))
+        (out / "samples" / "tasks.json").write_text(json.dumps(labels, indent=1) + "\n")
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    """An ``(H, W)`` mask as ``(H, W, 3)``, so it shares a grid with RGB images."""
+    return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
 
 
 def _write_infilling_grid(out, documents, records, count) -> None:

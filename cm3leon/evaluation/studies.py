@@ -197,14 +197,18 @@ def retrieval_study(
     judge: SceneJudge | None,
     counts: Sequence[int],
     samples: int,
-) -> list[dict]:
+) -> tuple[list[dict], list[dict]]:
+    """The study's rows, and the per-prompt records (image, retrieved documents' ids, captions
+    and scores, correctness) of its largest document count, for the generations folder."""
     config, documents = pool.config, pool.documents[:count]
-    rows = []
+    rows, kept = [], []
     for k in counts:
         generations = pool.get(config.strategy, config.cfg_weight, k, samples, count)
-        metrics, _ = image_metrics(
+        metrics, records = image_metrics(
             pool.model, documents, generations, judge, "objects", seed=pool.seed
         )
         mean_docs = sum(len(g.retrieved) for g in generations) / max(len(generations), 1)
         rows.append(_row(metrics, retrieved=k, mean_retrieved=round(mean_docs, 3)))
-    return rows
+        if k == max(counts):
+            kept = records
+    return rows, kept
