@@ -5,7 +5,9 @@
 ``flows/pipeline.py`` (the project is the nearest folder upwards holding ``dvc.yaml``), so the
 library never imports the orchestration layer (DESIGN.md §2). ``cm3leon lineage`` traces an
 artifact (:mod:`cm3leon.lineage.lineage`); ``cm3leon verify`` reruns the first stages in a clone
-and compares their hashes with the committed ``dvc.lock`` (:mod:`cm3leon.lineage.verify`).
+and compares their hashes with the committed ``dvc.lock`` (:mod:`cm3leon.lineage.verify`);
+``cm3leon register`` gives the models that pass their gates a GTO version and stage
+(:mod:`cm3leon.lineage.registry`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _flow(command: str, args: list[str]) -> int:
 
 def _lineage(args: argparse.Namespace) -> int:
     from cm3leon.lineage import lineage as lin
+    from cm3leon.lineage.registry import add_versions
 
     kind = "json" if args.json else args.format
     if args.path == "diff":  # cm3leon lineage diff A [B]
@@ -59,7 +62,8 @@ def _lineage(args: argparse.Namespace) -> int:
     if args.revs:
         raise SystemExit(f"cm3leon lineage: error: unexpected arguments {args.revs}")
     try:
-        record = lin.trace(find_project(), Path(args.path).absolute())
+        project = find_project()
+        record = add_versions(project, lin.trace(project, Path(args.path).absolute()))
     except lin.LineageError as err:
         raise SystemExit(f"cm3leon lineage: error: {err}") from None
     if kind == "json":
@@ -85,6 +89,27 @@ def _verify(args: argparse.Namespace) -> int:
         raise SystemExit(f"cm3leon verify: error: {err}") from None
     print(json.dumps(result, indent=2) if args.json else ver.format_verify(result))
     return 0 if result["reproduced"] else 1
+
+
+def _register(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from cm3leon.config import ConfigError, load_params
+    from cm3leon.lineage import registry as reg
+
+    project = find_project()
+    try:
+        config = load_params(project / "params.yaml").registry
+        if args.stage:
+            config = dataclasses.replace(config, stage=args.stage)
+        outcomes = reg.register(project, config, commit=args.commit, dry_run=args.dry_run)
+    except (ConfigError, reg.RegistryError) as err:
+        raise SystemExit(f"cm3leon register: error: {err}") from None
+    if args.json:
+        print(json.dumps(reg.outcomes_json(outcomes), indent=2))
+    else:
+        print(reg.format_outcomes(outcomes))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument(
         "--all-params", action="store_true", help="text: every param, not only changed ones"
     )
+    register = sub.add_parser(
+        "register",
+        help="GTO versions of the dvc.yaml artifacts whose gate metric passes (params registry)",
+    )
+    register.add_argument(
+        "--commit",
+        action="store_true",
+        help="commit the run's git-tracked outputs (dvc.lock, metrics, plots, report) first "
+        "when they differ from HEAD; without it such a workspace is refused",
+    )
+    register.add_argument("--stage", help="GTO stage to assign (default: params registry.stage)")
+    register.add_argument(
+        "--dry-run", action="store_true", help="say what would be registered; tag nothing"
+    )
+    register.add_argument("--json", action="store_true", help="each model's outcome as JSON")
     verify = sub.add_parser(
         "verify",
         help="rerun the first stages in a clone and compare their hashes with dvc.lock",
@@ -144,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return _lineage(args)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "register":
+        return _register(args)
     return run_command(args, find_project())
 
 

@@ -24,8 +24,8 @@ After each stage, its DVC metrics become a Prefect table artifact and each HTML 
 Usage (``cm3leon run`` / ``cm3leon schedule`` call this file with ``--project``)::
 
     python flows/pipeline.py run [--stages prepare,validate] [--force] [--openlineage FILE]
-        [--shard-runner dask --shard-workers 8]
-    python flows/pipeline.py schedule --cron "0 3 * * *"
+        [--shard-runner dask --shard-workers 8] [--push] [--register]
+    python flows/pipeline.py schedule --cron "0 3 * * *" [--push] [--register]
 """
 
 from __future__ import annotations
@@ -255,6 +255,30 @@ def push_outputs(project: str) -> str:
     return output
 
 
+@task(name="gto-register", task_run_name="cm3leon register")
+def register_task(project: str, stage: str | None) -> list[dict[str, Any]]:
+    """Commit the run's git-tracked outputs (``dvc.lock``, metrics, plots, report) and give
+    every model of ``dvc.yaml``'s ``artifacts:`` that passes its gate (params ``registry``) a
+    GTO version and stage (:mod:`cm3leon.lineage.registry`); a table artifact lists each
+    model's gate and outcome. The tags are local: ``git push --follow-tags`` shares them."""
+    from cm3leon.lineage import registry
+
+    logger = get_run_logger()
+    config = load_params(Path(project) / "params.yaml").registry
+    if stage:
+        config = dataclasses.replace(config, stage=stage)
+    outcomes = registry.register(project, config, commit=True)
+    for line in registry.format_outcomes(outcomes).splitlines():
+        logger.info("register | %s", line)
+    rows = registry.outcomes_json(outcomes)
+    create_table_artifact(
+        key="model-registry",
+        table=rows,
+        description="Models of dvc.yaml artifacts: gate metric, minimum and GTO version",
+    )
+    return rows
+
+
 @flow(name="cm3leon-pipeline", log_prints=True)
 def pipeline(
     project: str = ".",
@@ -266,6 +290,8 @@ def pipeline(
     shard_address: str | None = None,
     batches_per_shard: int | None = None,
     push: bool = False,
+    register_models: bool = False,
+    register_stage: str | None = None,
 ) -> dict[str, list[dict]]:
     """Run the DVC DAG (or the named stages, in DAG order) with per-stage retries.
 
@@ -273,6 +299,9 @@ def pipeline(
     (``flows/shards.py``); an unset one keeps its ``CM3LEON_SHARD_*`` variable or default.
     ``push``: after every stage succeeded, ``dvc push`` the outputs to the default remote
     (a failed stage stops the flow first, so a failed run pushes nothing).
+    ``register_models``: then commit the run and register a GTO version of each model that
+    passes its gate (:func:`register_task`; ``register_stage`` overrides params
+    ``registry.stage``).
     """
     root = Path(project).resolve()
     settings = load_params(root / "params.yaml").flow
@@ -308,6 +337,8 @@ def pipeline(
         )
     if push:
         push_outputs(str(root))
+    if register_models:
+        results["register"] = register_task(str(root), register_stage)
     return results
 
 
@@ -328,12 +359,21 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--shard-workers", type=int, help="workers of a local cluster / pool")
     run.add_argument("--shard-address", help="an existing Dask scheduler or Ray cluster")
     run.add_argument("--batches-per-shard", type=int, help="shard size in batches (default 4)")
-    run.add_argument(
-        "--push",
-        action="store_true",
-        help="dvc push every output to the default DVC remote after a successful run",
-    )
     schedule = sub.add_parser("schedule", help="serve the flow on a cron schedule")
+    for command in (run, schedule):
+        command.add_argument(
+            "--register",
+            action="store_true",
+            help="after a successful run (and push): commit it and give each model that passes "
+            "its gate (params registry) a GTO version and stage",
+        )
+        command.add_argument("--register-stage", help="GTO stage (default: registry.stage)")
+    for command in (run, schedule):
+        command.add_argument(
+            "--push",
+            action="store_true",
+            help="dvc push every output to the default DVC remote after a successful run",
+        )
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * *"')
     schedule.add_argument("--name", default="cm3leon-scheduled", help="deployment name")
     for command in (run, schedule):
@@ -352,10 +392,15 @@ def main(argv: list[str] | None = None) -> int:
             shard_address=args.shard_address,
             batches_per_shard=args.batches_per_shard,
             push=args.push,
+            register_models=args.register,
+            register_stage=args.register_stage,
             return_state=True,
         )
         return 0 if state.is_completed() else 1
-    pipeline.serve(name=args.name, cron=args.cron, parameters={"project": project})
+    parameters = {"project": project, "push": args.push, "register_models": args.register}
+    if args.register_stage:
+        parameters["register_stage"] = args.register_stage
+    pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Reads the artifacts the DAG produced — the corpus (`--corpus`), the validation report
 (`--validation`), the evaluation folder (`--eval`), the model folders (`--models`, comma
-separated), paths relative to the project root (`--project`, default `.`) — the params
+separated) and their training summaries (`--training`, in the same order), paths relative
+to the project root (`--project`, default `.`) — the params
 (`--params`), the `dvc.yaml`/`dvc.lock` records and the git state, and writes one HTML file
 (`--out`) that opens offline: see `cm3leon.lineage.report`.
 """
@@ -22,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     for name in ("corpus", "validation", "eval", "models", "out"):
         parser.add_argument(f"--{name}", required=True)
+    parser.add_argument(
+        "--training",
+        default="",
+        help="each model's training summary (dvclive's metrics.json), comma separated, in the "
+        "order of --models: the steps and tokens the run did",
+    )
     parser.add_argument("--samples", type=int, default=4, help="generations listed with sources")
     args = parser.parse_args(argv)
 

@@ -3,6 +3,7 @@ corpus hashes in dvc.lock, and a corrupted corpus fails `validate` and stops the
 
 import csv
 import json
+import re
 import sys
 
 import yaml
@@ -43,6 +44,15 @@ def test_repro_runs_the_dag_then_is_a_no_op(make_project):
     page = (root / "reports/index.html").read_text()
     assert '<table id="metrics">' in page and ">Lineage of each model</h2>" in page
     assert "stage &#x27;sft&#x27; -&gt; models/sft" in page  # the models' lineage is in the report
+    # each stage's record once, linked from its DAG node, which shows its output's hash
+    assert page.count('id="stage-sft"') == 1 and '<a href="#stage-sft">' in page
+    sft_md5 = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["sft"]["outs"][0]["md5"]
+    assert f"md5 {sft_md5[:8]}" in page
+    # retrieved documents shown as the corpus images that were in the prompt, with id and score
+    docs = re.findall(r'<span class="doc"><img class="thumb" alt="([^"]+)"', page)
+    assert docs and all(d.startswith("sw-") for d in docs)
+    # the procedure's steps are the run's (its dvclive summary), not the params'
+    assert "steps run" in page and "(params)" not in page
     assert (root / "reports/validation/data_docs/index.html").is_file()
     metrics = json.loads((root / "reports/validation/metrics.json").read_text())
     assert metrics["success"] is True and metrics["expectations_failed"] == 0

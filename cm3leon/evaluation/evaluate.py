@@ -216,6 +216,9 @@ def evaluate(
         "no_cfg_same_strategy": no_cfg.get(best["strategy"]),
     }
 
+    for name in ("cfg_weight", "samples", "retrieved_docs", "ra_vs_no_retrieval"):
+        if name in tables:  # the column dvc.yaml's plots read on any corpus
+            tables[name] = studies.with_headline(tables[name])
     with atomic_dir(out_dir) as tmp:
         _write_tables(tmp, tables)
         _write_generations(tmp, models, test, records, decoding, seed, retrieved)

@@ -71,6 +71,24 @@ def primary_metric(rows: Sequence[dict]) -> str:
     return "accuracy" if rows and "accuracy" in rows[0] else "r_precision"
 
 
+def with_headline(rows: Sequence[dict]) -> list[dict]:
+    """Each row plus ``headline`` — the value of its :func:`primary_metric` — with that
+    metric's 95% interval (``headline_low``/``headline_high``) and name (``headline_metric``):
+    one field every corpus has, so ``dvc.yaml``'s plots read the same column on ShapeWorld
+    (exact accuracy) and on a user's own data (R-precision)."""
+    key = primary_metric(rows)
+    return [
+        {
+            **r,
+            "headline_metric": key,
+            "headline": r[key],
+            "headline_low": r.get(f"{key}_low"),
+            "headline_high": r.get(f"{key}_high"),
+        }
+        for r in rows
+    ]
+
+
 class TextToImagePool:
     """Text-to-image generations of one model on the first documents of ``documents``, shared
     by the headline and the studies so that no setting is generated twice.

@@ -61,7 +61,10 @@ def find_producer(lock: dict[str, dict], path: str) -> tuple[str, dict] | None:
 
 
 def trace(project: str | Path, path: str | Path) -> dict[str, Any]:
-    """The lineage record of ``path`` (relative to ``project`` or absolute inside it)."""
+    """The lineage record of ``path`` (relative to ``project`` or absolute inside it).
+    :func:`cm3leon.lineage.registry.add_versions` adds the registered versions of its models
+    (git tags of the moment, so the report, whose bytes follow from the artifacts alone,
+    leaves them out)."""
     project = Path(project).resolve()
     file = Path(path) if Path(path).is_absolute() else project / path
     lock = read_lock(project)
@@ -276,16 +279,42 @@ def format_lineage(
         f"  {len(stages)} stages, each once (an input names the stage that made it; "
         "--json has every hash):"
     )
+    registry = record.get("registry", {}) if run_context else {}
     for node in stages.values():
-        _format_node(node, lines, all_params, run_context)
+        _format_node(node, lines, all_params, run_context, registry)
     return "\n".join(lines)
 
 
+def format_stage(node: dict[str, Any], all_params: bool = False, run_context: bool = True) -> str:
+    """One stage of a lineage record as :func:`format_lineage` prints it."""
+    lines: list[str] = []
+    _format_node(node, lines, all_params, run_context)
+    return "\n".join(lines)
+
+
+def _registry_line(name: str, entry: dict[str, Any]) -> str:
+    """``registry: sft@v0.2.0 (candidate)``: the GTO versions holding these bytes."""
+    if not entry["versions"]:
+        return f"    registry: {name}, no registered version holds these bytes (cm3leon register)"
+    shown = ", ".join(
+        f"{name}@{v['version']}" + (f" ({', '.join(v['stages'])})" if v["stages"] else "")
+        for v in entry["versions"]
+    )
+    return f"    registry: {shown}"
+
+
 def _format_node(
-    node: dict[str, Any], lines: list[str], all_params: bool, run_context: bool = True
+    node: dict[str, Any],
+    lines: list[str],
+    all_params: bool,
+    run_context: bool = True,
+    registry: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     outputs = ", ".join(f"{o['path']} [{o['md5']}]" for o in node["outputs"])
     lines.append(f"  stage '{node['stage']}' -> {outputs}")
+    for name, entry in (registry or {}).items():
+        if entry["path"] in [o["path"] for o in node["outputs"]]:
+            lines.append(_registry_line(name, entry))
     lines.append(f"    cmd: {node['cmd']}")
     run = node.get("prefect_run") if run_context else None
     if run:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from PIL import Image
 
 from cm3leon.artifacts import atomic_write_text
 from cm3leon.config import Params
-from cm3leon.lineage.lineage import format_lineage, trace
+from cm3leon.lineage.lineage import format_stage, trace
 from cm3leon.tasks import TASKS, headline_metric
 
 
@@ -43,16 +44,20 @@ class ReportInputs:
     validation: Path  # the validate stage's report folder
     evaluation: Path  # the evaluate stage's output folder
     models: Sequence[Path]  # exported model folders, traced in this order
+    # each model's training summary (dvclive's last step: ``step``, ``train/tokens_seen``),
+    # in the order of ``models``; empty: the procedure table falls back to the params
+    training: Sequence[Path] = ()
 
     @classmethod
     def from_arguments(cls, options: Mapping[str, str]) -> ReportInputs:
         """From the report stage's options (``--corpus``, ``--validation``, ``--eval``,
-        ``--models`` as a comma-separated list)."""
+        ``--models`` and ``--training`` as comma-separated lists)."""
         return cls(
             Path(options["corpus"]),
             Path(options["validation"]),
             Path(options["eval"]),
             tuple(Path(m) for m in options["models"].split(",") if m),
+            tuple(Path(t) for t in options.get("training", "").split(",") if t),
         )
 
 
@@ -60,11 +65,14 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 h1{font-size:1.7em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+text-align:left}th{background:#f3f3f3}td.num{text-align:right}
 pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:12px}
 img{image-rendering:pixelated;max-width:100%}.note{color:#666}
 .scroll{overflow-x:auto;max-width:100%}nav ol{columns:2}figcaption{color:#444;font-size:13px}
 figure{margin:.8em 0}td.ok{color:#1a7f37}td.wrong{color:#b3261e}
+img.thumb{width:64px;height:64px;vertical-align:middle;margin-right:4px}
+.doc{display:inline-block;vertical-align:top;margin:0 10px 4px 0;font-size:12px;width:190px}
+.stage{border-left:3px solid #669;padding-left:.6em;margin:1em 0}svg a:hover rect{fill:#dde}
 """
 
 
@@ -72,11 +80,16 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _img(path: Path, alt: str) -> str:
+def _img(path: Path, alt: str, css: str | None = None) -> str:
     if not path.is_file():
         return f'<p class="note">({html.escape(alt)}: {html.escape(str(path))} not found)</p>'
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return _img_bytes(path.read_bytes(), alt, css)
+
+
+def _img_bytes(png: bytes, alt: str, css: str | None = None) -> str:
+    data = base64.b64encode(png).decode()
+    klass = f' class="{css}"' if css else ""
+    return f'<img{klass} alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _table(rows: list[dict], table_id: str | None = None) -> str:
@@ -84,12 +97,16 @@ def _table(rows: list[dict], table_id: str | None = None) -> str:
         return '<p class="note">(no rows)</p>'
     columns = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
-        for r in rows
-    )
+    body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
     ident = f' id="{table_id}"' if table_id else ""
     return f'<div class="scroll"><table{ident}><tr>{head}</tr>{body}</table></div>'
+
+
+def _cell(value: Any) -> str:
+    """A table cell; numbers right-aligned (``td.num``), text left."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    opening = '<td class="num">' if number else "<td>"
+    return f"{opening}{html.escape(_fmt(value))}</td>"
 
 
 def _fmt(value: Any) -> str:
@@ -140,9 +157,12 @@ def metrics_rows(evaluation: dict) -> list[dict]:
     return rows
 
 
-def dag_svg(dvc_yaml: Path) -> str:
-    """The stage graph as an inline SVG: one column per DAG level, edges output -> consumer."""
+def dag_svg(dvc_yaml: Path, hashes: Mapping[str, str] | None = None) -> str:
+    """The stage graph as an inline SVG: one column per DAG level, edges output -> consumer.
+    Each node is a link to ``#stage-<name>`` (the stage's details on the page) and shows the
+    first 8 hex digits of its first output's hash from ``hashes`` (``{stage: md5}``)."""
     stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
+    hashes = hashes or {}
     producer = {}
     for name, stage in stages.items():
         for out in stage.get("outs", []):
@@ -160,22 +180,28 @@ def dag_svg(dvc_yaml: Path) -> str:
     columns: dict[int, list[str]] = {}
     for name, lv in level.items():
         columns.setdefault(lv, []).append(name)
-    pos = {n: (20 + 150 * lv, 20 + 50 * i) for lv, ns in columns.items() for i, n in enumerate(ns)}
-    width = 20 + 150 * (max(columns) + 1)
-    height = 20 + 50 * max(len(ns) for ns in columns.values())
+    pos = {n: (10 + 150 * lv, 10 + 56 * i) for lv, ns in columns.items() for i, n in enumerate(ns)}
+    width = 10 + 150 * (max(columns) + 1)
+    height = 10 + 56 * max(len(ns) for ns in columns.values())
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        'font-family="sans-serif" font-size="12">'
+        'font-family="sans-serif" font-size="12" role="img" aria-label="stage graph">'
     ]
     for a, b in sorted(edges):
         (x1, y1), (x2, y2) = pos[a], pos[b]
         parts.append(
-            f'<line x1="{x1 + 120}" y1="{y1 + 15}" x2="{x2}" y2="{y2 + 15}" stroke="#888"/>'
+            f'<line x1="{x1 + 128}" y1="{y1 + 20}" x2="{x2}" y2="{y2 + 20}" stroke="#888"/>'
         )
     for name, (x, y) in pos.items():
+        digest = hashes.get(name)
+        label = f"md5 {digest[:8]}" if digest else "details"
         parts.append(
-            f'<rect x="{x}" y="{y}" width="120" height="30" rx="4" fill="#eef" stroke="#669"/>'
-            f'<text x="{x + 60}" y="{y + 19}" text-anchor="middle">{html.escape(name)}</text>'
+            f'<a href="#stage-{html.escape(name)}"><title>stage {html.escape(name)}: '
+            f"{html.escape(str(digest or 'no hash recorded'))}</title>"
+            f'<rect x="{x}" y="{y}" width="128" height="40" rx="4" fill="#eef" stroke="#669"/>'
+            f'<text x="{x + 64}" y="{y + 17}" text-anchor="middle">{html.escape(name)}</text>'
+            f'<text x="{x + 64}" y="{y + 32}" text-anchor="middle" font-size="10" '
+            f'fill="#555">{html.escape(label)}</text></a>'
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -202,10 +228,23 @@ def build_report(
     )
     best = evaluation.get("best_text_to_image")
     if best:
+        key = best.get("metric", "accuracy")
         sections.append(
-            "<p>Best text-to-image setting of the CFG study: "
-            + html.escape(", ".join(f"{k} {_fmt(v)}" for k, v in best.items()))
-            + "</p>"
+            "<p>Best text-to-image setting of the CFG study (every column: the study's "
+            "table below):</p>"
+            + _table(
+                [
+                    {
+                        "strategy": best.get("strategy"),
+                        "CFG weight": best.get("cfg_weight"),
+                        "samples": best.get("samples"),
+                        key: best.get(key),
+                        "95%": f"[{_fmt(best.get(f'{key}_low'))}, {_fmt(best.get(f'{key}_high'))}]",
+                        f"{key}, same strategy without CFG": best.get("no_cfg_same_strategy"),
+                        "prompts": best.get("examples"),
+                    }
+                ]
+            )
         )
 
     model_card = [
@@ -225,7 +264,7 @@ def build_report(
                 }
             ]
         ),
-        "<h3>Procedure</h3>" + _procedure(root, inputs.models, params),
+        "<h3>Procedure</h3>" + _procedure(root, inputs, params),
         "<h3>Evaluation</h3>" + _studies(eval_dir),
         "<h3>Limitations</h3>" + _limitations(evaluation),
     ]
@@ -252,22 +291,10 @@ def build_report(
         "<h3>Task tables</h3>" + _table([corpus.get("tasks") or {}]),
     ]
     sections.append("".join(data_card))
-    sections.append("<h2>Pipeline</h2>" + dag_svg(root / "dvc.yaml"))
-
-    traced = []
-    lineage_parts = ["<h2>Lineage of each model</h2>"]
-    for model in map(str, inputs.models):
-        if (root / model).exists():
-            try:
-                # Without the git state and Prefect runs of the moment it renders: the page
-                # is an output, and equal artifacts must give equal bytes (cm3leon verify).
-                text = format_lineage(trace(root, model), run_context=False)
-            except ValueError as err:
-                text = f"(no lineage: {err})"
-            traced.append(model)
-            lineage_parts.append(f"<h3>{model}</h3><pre>{html.escape(text)}</pre>")
-    sections.append("".join(lineage_parts))
-    sections.append(_samples(eval_dir, samples))
+    traced, pipeline, lineage = _lineage(root, inputs)
+    sections.append(pipeline)
+    sections.append(lineage)
+    sections.append(_samples(root, eval_dir, inputs.corpus, samples))
 
     body, contents = _with_anchors("".join(sections))
     page = (
@@ -284,6 +311,65 @@ def build_report(
     return {"models_traced": traced, "metrics_rows": len(metrics_rows(evaluation))}
 
 
+def _lineage(root: Path, inputs: ReportInputs) -> tuple[list[str], str, str]:
+    """``(models traced, the Pipeline section, the Lineage section)``: the DAG with each
+    node's output hash and a link to that stage's record, which the Lineage section holds once
+    per stage — the models' and the evaluation's lineage merged (:func:`trace`) — after one
+    line per model naming the stages it descends from. Without the git state and Prefect runs
+    of the moment: the page is an output, and equal artifacts give equal bytes."""
+    traced, stages, chains, packages, errors = [], {}, {}, None, []
+    if not (root / "dvc.lock").is_file():
+        errors.append("no dvc.lock: run the pipeline (dvc repro) for the lineage")
+    for target in [*map(str, inputs.models), str(inputs.evaluation)]:
+        if not (root / target).exists() or errors:
+            continue
+        try:
+            record = trace(root, target)
+        except ValueError as err:
+            errors.append(f"{target}: no lineage ({err})")
+            continue
+        packages = record["packages"]
+        for name, node in record["stages"].items():
+            merged = stages.setdefault(name, {**node, "outputs": []})
+            for output in node["outputs"]:
+                if output not in merged["outputs"]:
+                    merged["outputs"].append(output)
+        if target != str(inputs.evaluation):
+            traced.append(target)
+            chains[target] = list(record["stages"])
+    order = list(yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
+    stages = dict(sorted(stages.items(), key=lambda item: order.index(item[0])))
+    chains = {m: sorted(c, key=order.index, reverse=True) for m, c in chains.items()}
+    hashes = {name: node["output_md5"] for name, node in stages.items()}
+    pipeline = (
+        '<h2>Pipeline</h2><figure><div class="scroll">'
+        + dag_svg(root / "dvc.yaml", hashes)
+        + "</div><figcaption>The DVC stages, left to right in dependency order; each node shows "
+        "its output's hash and links to its record below.</figcaption></figure>"
+    )
+    parts = ["<h2>Lineage of each model</h2>"]
+    for model, chain in chains.items():
+        links = " &larr; ".join(f'<a href="#stage-{n}">{html.escape(n)}</a>' for n in chain)
+        parts.append(f"<p><b>{html.escape(model)}</b>: {links}</p>")
+    parts.extend(f'<p class="note">{html.escape(e)}</p>' for e in errors)
+    if packages:
+        parts.append(
+            "<p>Packages: "
+            + html.escape(", ".join(f"{k} {v}" for k, v in packages.items()))
+            + "</p>"
+        )
+    for name, node in stages.items():
+        parts.append(
+            f'<div class="stage" id="stage-{html.escape(name)}"><h3>stage {html.escape(name)}'
+            f"</h3><pre>{html.escape(format_stage(node, run_context=False))}</pre></div>"
+        )
+    parts.append(
+        '<div class="stage" id="stage-report"><h3>stage report</h3><p>This page, built from '
+        "the artifacts above; its own hash is in dvc.lock.</p></div>"
+    )
+    return traced, pipeline, "".join(parts)
+
+
 def _with_anchors(body: str) -> tuple[str, str]:
     """Give every ``<h2>`` an id and return ``(body, table of contents)``."""
     contents, parts = [], body.split("<h2>")
@@ -295,21 +381,31 @@ def _with_anchors(body: str) -> tuple[str, str]:
     return "".join(out), "<nav><b>Contents</b><ol>" + "".join(contents) + "</ol></nav>"
 
 
-def _procedure(root: Path, models: Sequence[Path], params: Params) -> str:
+def _procedure(root: Path, inputs: ReportInputs, params: Params) -> str:
+    """Per model its shape and what its run did: optimizer steps and tokens seen from its
+    training summary (``inputs.training``: a time budget or early stop can end a run before
+    the params' steps), else the params' steps, marked as such."""
     rows = []
-    for model in models:
+    summaries = dict(zip(inputs.models, inputs.training, strict=False))
+    artifacts = _declared_models(root)
+    for model in inputs.models:
         config = _read_json(root / model / "config.json")
         if config is None:
             continue
         train = params.sft.train if config.get("stage") == "sft" else params.pretrain.train
         shape = config.get("shape", {})
+        summary = _read_json(root / summaries[model]) if model in summaries else None
+        steps = (summary or {}).get("step")
         rows.append(
             {
                 "model": str(model),
+                "registry artifact": artifacts.get(str(model)),
                 "layers": shape.get("n_layer"),
                 "width": shape.get("d_model"),
+                "heads": shape.get("n_head"),
                 "context": shape.get("max_seq_len"),
-                "steps": train.steps,
+                "steps run": steps if steps is not None else f"{train.steps} (params)",
+                "tokens seen": ((summary or {}).get("train") or {}).get("tokens_seen"),
                 "micro batch": train.micro_batch_size,
                 "lr": train.lr,
                 "retrieval k max": config.get("retrieval_k_max"),
@@ -317,8 +413,21 @@ def _procedure(root: Path, models: Sequence[Path], params: Params) -> str:
         )
     return _table(rows) + (
         "<p>Retrieval-augmented CM3 pretraining through DeepSpeed (fp32 on CPU, bf16 on GPU), "
-        "then multi-task SFT from the pretrained weights; see params.yaml.</p>"
+        "then multi-task SFT from the pretrained weights; steps and tokens are the run's "
+        "(its training summary), the rest params.yaml's. The registry artifact is the model's "
+        "name under <code>artifacts:</code> in dvc.yaml; its versions and stages are git tags "
+        "made after this page (<code>gto show</code>, <code>cm3leon lineage</code>).</p>"
     )
+
+
+def _declared_models(root: Path) -> dict[str, str]:
+    """``{model path: artifact name}`` of the models ``dvc.yaml`` declares (none: empty)."""
+    from cm3leon.lineage.registry import RegistryError, declared_artifacts
+
+    try:
+        return {d.path: d.name for d in declared_artifacts(root)}
+    except RegistryError:
+        return {}
 
 
 def _studies(eval_dir: Path) -> str:
@@ -363,16 +472,7 @@ def _limitations(evaluation: dict) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
 
 
-# What each row of evaluate's task grid (samples/tasks.png) shows: per image-output task with a
-# test table, the test row's image, then the pretrained and the SFT model's output.
-TASK_GRID_INPUT = {
-    "editing": "the image to edit (input)",
-    "grounding": "the scene the boxes describe (target)",
-    "segmentation": "the image to segment (input)",
-}
-
-
-def _samples(eval_dir: Path, count: int) -> str:
+def _samples(root: Path, eval_dir: Path, corpus: Path, count: int) -> str:
     parts = ["<h2>Samples and their retrieved documents</h2>"]
     for grid in sorted((eval_dir / "samples").glob("*_text_to_image.png")):
         model = grid.stem.removesuffix("_text_to_image")
@@ -389,40 +489,90 @@ def _samples(eval_dir: Path, count: int) -> str:
             "the model's generation for that prompt (best of the re-ranked samples). Columns, "
             "left to right, are the prompts below.</figcaption></figure>" + _table(rows)
         )
-    tasks_grid = eval_dir / "samples" / "tasks.png"
-    if tasks_grid.is_file():
-        shown = [t for t in TASK_GRID_INPUT if t in TASKS]
-        labels = "".join(
-            f"<li>{html.escape(t)}: {html.escape(TASK_GRID_INPUT[t])}, then the pretrained "
-            "model's output, then the SFT model's output</li>"
-            for t in shown
-        )
-        parts.append(
-            "<h3>Image-output tasks</h3><figure>"
-            + _img(tasks_grid, "tasks")
-            + "<figcaption>Three rows per task, top to bottom:<ol>"
-            + labels
-            + "</ol>Columns are test rows of that task.</figcaption></figure>"
-        )
-    manifest = _read_json(eval_dir / "generations" / "pretrain" / "text_to_image" / "manifest.json")
-    rows = []
-    parts.append("<h3>Pretrained model's generations with their retrieved documents</h3>")
-    for entry in (manifest or [])[:count]:
+    parts.append(_tasks_grid(eval_dir))
+    parts.append(_retrieved(root, eval_dir, corpus, count))
+    return "".join(parts)
+
+
+def _tasks_grid(eval_dir: Path) -> str:
+    """``samples/tasks.png`` with its rows named by ``samples/tasks.json`` (evaluate writes
+    both: per image-output task its input image if it reads one, the target, then the
+    pretrained and the SFT model's output)."""
+    grid, labels = eval_dir / "samples" / "tasks.png", _read_json(eval_dir / "samples/tasks.json")
+    if not grid.is_file():
+        return ""
+    rows = "".join(
+        f"<li>{html.escape(r['task'])}: {html.escape(r['row'])}</li>" for r in labels or []
+    )
+    return (
+        "<h3>Image-output tasks</h3><figure>"
+        + _img(grid, "tasks")
+        + "<figcaption>Rows, top to bottom:<ol>"
+        + (rows or "<li>(samples/tasks.json not found: rows unnamed)</li>")
+        + "</ol>Columns are test rows of each task (the same row down a task's "
+        "rows).</figcaption></figure>"
+    )
+
+
+def _retrieved(root: Path, eval_dir: Path, corpus: Path, count: int) -> str:
+    """The first ``count`` generations of the retrieval study at its most documents (the
+    headline's own when it retrieves), each beside thumbnails of the memory-bank documents
+    its prompt retrieved — the images the model saw in its context — with ids and scores."""
+    folder = eval_dir / "generations" / "pretrain" / "retrieved_docs"
+    if not (folder / "manifest.json").is_file():
         folder = eval_dir / "generations" / "pretrain" / "text_to_image"
-        docs = "; ".join(
-            f"{d['id']} ({d['score']:.3f}): {d['caption']}" for d in entry["retrieved"]
+    manifest = (_read_json(folder / "manifest.json") or [])[:count]
+    if not manifest:
+        return ""
+    ids = {d["id"] for e in manifest for d in e["retrieved"]}
+    thumbs = _corpus_thumbnails(root / corpus, ids)
+    rows = []
+    for entry in manifest:
+        docs = "".join(
+            '<span class="doc">'
+            + thumbs.get(d["id"], "(image not in the corpus)")
+            + f"<br>{html.escape(d['id'])} score {d['score']:.3f}<br>"
+            + html.escape(d["caption"])
+            + "</span>"
+            for d in entry["retrieved"]
         )
         rows.append(
-            {
-                "image": entry["file"],
-                "prompt": entry["prompt"],
-                "correct": entry.get("correct"),
-                "retrieved": docs or "none",
-            }
+            "<tr><td>"
+            + _img(folder / entry["file"], entry["prompt"], "thumb")
+            + f"</td><td>{html.escape(entry['prompt'])}</td>"
+            + f'<td class="{"ok" if entry.get("correct") else "wrong"}">'
+            + f"{html.escape(_fmt(entry.get('correct')))}</td>"
+            + f"<td>{docs or 'none'}</td></tr>"
         )
-        parts.append(_img(folder / entry["file"], entry["prompt"]))
-    parts.append(_table(rows))
-    return "".join(parts)
+    k = manifest[0].get("retrieved_k", 0)
+    return (
+        f"<h3>Pretrained model's generations with the {k} documents each prompt retrieved</h3>"
+        f'<p class="note">From <code>{html.escape(str(folder.relative_to(root)))}</code>: the '
+        "generated image, its prompt, whether the judge found it right, and the memory-bank "
+        "documents prepended to the prompt (image, id, retrieval score, caption).</p>"
+        '<div class="scroll"><table><tr><th>generated</th><th>prompt</th><th>correct</th>'
+        "<th>retrieved documents</th></tr>" + "".join(rows) + "</table></div>"
+    )
+
+
+def _corpus_thumbnails(corpus_dir: Path, ids: set[str]) -> dict[str, str]:
+    """``{id: <img>}`` of the corpus documents ``ids`` (as PNGs, ``thumb`` sized)."""
+    from cm3leon.data.corpus import CorpusError, decode_images, iter_documents
+
+    found = {}
+    try:
+        for batch in iter_documents(corpus_dir, ["id", "image", "height", "width"]):
+            keep = [i for i, d in enumerate(batch.column("id").to_pylist()) if d in ids]
+            if keep:
+                chosen = batch.take(keep)
+                names = chosen.column("id").to_pylist()
+                for doc, image in zip(names, decode_images(chosen), strict=True):
+                    buffer = io.BytesIO()
+                    Image.fromarray(image).save(buffer, format="PNG")
+                    found[doc] = _img_bytes(buffer.getvalue(), doc, "thumb")
+    except (CorpusError, FileNotFoundError):
+        return found
+    return found
 
 
 def _grid_columns(grid: Path) -> int:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from cm3leon.lineage.lineage import format_lineage, trace
+from cm3leon.lineage.registry import add_versions
 
 from conftest import (
     ROOT,
@@ -56,16 +57,24 @@ def test_stage_order_comes_from_dvc(make_project, flow_module):
 
 
 def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module, tmp_path):
-    root = make_project()
+    # every model passes its gate but the retriever, whose recall@1 cannot reach 2
+    gates = {"vq": 0, "retriever": 2.0, "pretrain": 0, "pretrain-no-retrieval": 0, "sft": 0}
+    root = make_project({"registry": {"gates": gates}})
     remote = tmp_path / "team-remote"  # a local-folder DVC remote stands for the team's
     dvc("remote", "add", "-d", "team", str(remote), cwd=root)
+    git(root, "commit", "-qam", "team remote")
     events_file = root / "openlineage.jsonl"
     state = flow_module.pipeline(
-        project=str(root), openlineage_file=str(events_file), push=True, return_state=True
+        project=str(root),
+        openlineage_file=str(events_file),
+        push=True,
+        register_models=True,
+        return_state=True,
     )
     assert state.is_completed()
-    check_a_second_clone_pulls_instead_of_retraining(root, tmp_path / "clone")
     results = state.result()
+    check_the_run_is_committed_and_registered(root, results.pop("register"))
+    check_a_second_clone_pulls_instead_of_retraining(root, tmp_path / "clone")
     assert list(results) == ALL_STAGES
     metrics = {row["metric"]: row["value"] for row in results["validate"]}
     assert metrics["success"] is True
@@ -100,12 +109,42 @@ def test_flow_runs_stages_and_publishes_metrics(make_project, flow_module, tmp_p
     assert link.type == "markdown" and (root / "reports/index.html").as_uri() in link.data
 
 
+def git(root: Path, *args: str) -> str:
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    done = subprocess.run(["git", *identity, *args], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def check_the_run_is_committed_and_registered(root: Path, rows: list[dict]) -> None:
+    """The flow's register task committed the run and tagged every model that passed its
+    gate with GTO (version and stage); the retriever's gate failed, so it has no tag."""
+    actions = {r["name"]: (r["action"], r["version"]) for r in rows}
+    assert actions["retriever"] == ("gate failed", None)
+    assert actions["sft"] == ("registered", "v0.1.0")
+    assert {n for n, (a, _) in actions.items() if a == "registered"} == {
+        "vq",
+        "pretrain",
+        "pretrain-no-retrieval",
+        "sft",
+    }
+    assert git(root, "status", "--porcelain", "--untracked-files=no") == ""  # committed
+    assert "dvc.lock" in git(root, "show", "--name-only", "HEAD")
+    tags = set(git(root, "tag", "--list").split())
+    assert {"sft@v0.1.0", "sft#candidate#1", "vq@v0.1.0"} <= tags
+    assert not any(t.startswith("retriever") for t in tags)
+    assert git(root, "rev-parse", "sft@v0.1.0^{commit}") == git(root, "rev-parse", "HEAD")
+    # cm3leon lineage names the version holding the model's bytes
+    record = add_versions(root, trace(root, "models/sft"))
+    assert record["registry"]["sft"]["versions"][0]["version"] == "v0.1.0"
+    assert "registry: sft@v0.1.0 (candidate)" in format_lineage(record)
+
+
 def check_a_second_clone_pulls_instead_of_retraining(root: Path, clone: Path) -> None:
     """The run pushed every output: a fresh clone `dvc pull`s them, and `dvc repro` there is
     a no-op with the same hashes."""
-    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    for cmd in (["add", "-A"], [*identity, "commit", "-qm", "pipeline run"]):
-        subprocess.run(["git", *cmd], cwd=root, check=True, capture_output=True)
+    git(root, "add", "-A")
+    git(root, "commit", "--allow-empty", "-qm", "pipeline run")
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     assert not (clone / "models" / "sft").exists()
     dvc("pull", cwd=clone)

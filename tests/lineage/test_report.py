@@ -52,6 +52,10 @@ def report(tmp_path_factory):
         {"file": f"{i:04d}.png", "prompt": f"prompt <{i}>", "correct": i == 0} for i in range(5)
     ]
     (generations / "manifest.json").write_text(json.dumps(shown))
+    write_png(eval_dir / "samples/tasks.png", np.zeros((18, 10, 3), np.uint8))
+    rows = [{"task": "editing", "row": r} for r in ("input", "target")]
+    rows += [{"task": "editing", "row": f"{m} output"} for m in ("pretrain", "sft")]
+    (eval_dir / "samples/tasks.json").write_text(json.dumps(rows))
     (root / "data/corpus").mkdir(parents=True)
     manifest = {"source": "shapeworld", "num_documents": 10, "splits": {"train": 8, "test": 2}}
     (root / "data/corpus/manifest.json").write_text(json.dumps(manifest))
@@ -66,7 +70,8 @@ def test_report_holds_the_metrics_and_needs_no_network(report):
     page = out.read_text()
     table = re.search(r'<table id="metrics">(.*?)</table>', page, re.S).group(1)
     assert table.count("<tr>") == 7  # header + six tasks
-    assert "<td>vqa</td><td>accuracy</td><td>0.75</td><td>0.75</td>" in table
+    number = '<td class="num">0.75</td>'
+    assert f"<td>vqa</td><td>accuracy</td>{number}{number}" in table
     contents = re.search(r"<nav>(.*?)</nav>", page, re.S).group(1)
     for section in ("Model card", "Data card", "Pipeline", "Lineage of each model"):
         anchor = re.search(rf'<h2 id="([^"]+)">{section}</h2>', page).group(1)
@@ -96,7 +101,7 @@ def test_sample_grids_are_labelled(report):
     page = report[0].read_text()
     assert "Top row: the test image of each prompt (the target). Bottom row:" in page
     grid = re.search(r"Text to image, sft model</h3>.*?</figure>(.*?)</table>", page, re.S)
-    cells = re.findall(r"<td>(.*?)</td>", grid.group(1))
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", grid.group(1))
     assert cells == [
         "1",
         "prompt &lt;0&gt;",
@@ -112,10 +117,23 @@ def test_sample_grids_are_labelled(report):
 
 
 def test_dag_svg_draws_every_stage_and_edge():
-    svg = dag_svg(ROOT / "dvc.yaml")
+    svg = dag_svg(ROOT / "dvc.yaml", {"sft": "0123456789abcdef.dir"})
     for stage in ("prepare", "tokenize", "pretrain", "sft", "evaluate", "report"):
-        assert f">{stage}</text>" in svg
+        assert f'<a href="#stage-{stage}">' in svg and f">{stage}</text>" in svg
+    assert ">md5 01234567</text>" in svg  # the node's output hash
     assert svg.count("<line") >= 8
+
+
+def test_task_grid_rows_are_named(report):
+    """Evaluate's samples/tasks.json names each row of the task grid; the caption lists them."""
+    page = report[0].read_text()
+    caption = re.search(r"Image-output tasks</h3>.*?<ol>(.*?)</ol>", page, re.S).group(1)
+    assert re.findall(r"<li>(.*?)</li>", caption) == [
+        "editing: input",
+        "editing: target",
+        "editing: pretrain output",
+        "editing: sft output",
+    ]
 
 
 @pytest.mark.skipif(BROWSER is None, reason="no Chromium installed (apt-get install chromium)")
