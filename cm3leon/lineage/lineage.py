@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -478,7 +479,26 @@ def _metrics_diff(project: Path, a: str, b: str | None) -> dict[str, Any]:
     )
     if done.returncode != 0 or not done.stdout.strip():
         return {}
-    return json.loads(done.stdout)
+    return changed_metrics(json.loads(done.stdout))
+
+
+def changed_metrics(diff: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """``dvc metrics diff --json`` less the metrics that are NaN on both sides: DVC lists a NaN
+    (a loss with no tokens to score) as changed on every diff, since NaN != NaN."""
+    changed = {}
+    for file, metrics in diff.items():
+        kept = {
+            key: value
+            for key, value in metrics.items()
+            if not (_is_nan(value.get("old")) and _is_nan(value.get("new")))
+        }
+        if kept:
+            changed[file] = kept
+    return changed
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 METRICS_SHOWN = 30  # text output; --format json has every changed metric

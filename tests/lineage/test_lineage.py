@@ -121,3 +121,19 @@ def test_diff_names_the_changed_param_and_the_stages_it_reran(tmp_path: Path) ->
     assert "stages whose run differs (1): pretrain" in text
     with pytest.raises(LineageError, match="neither a git revision nor a dvc experiment"):
         lineage_diff(tmp_path, "no-such-rev")
+
+
+def test_a_metric_nan_on_both_sides_did_not_change():
+    from cm3leon.lineage.lineage import changed_metrics
+
+    nan = float("nan")
+    diff = {
+        "reports/sft/metrics.json": {
+            "val_vqa/image_loss": {"old": nan, "new": nan, "diff": nan},
+            "val/loss": {"old": 1.0, "new": nan, "diff": nan},
+        },
+        "reports/eval_metrics.json": {"x": {"old": nan, "new": nan}},
+    }
+    assert changed_metrics(diff) == {
+        "reports/sft/metrics.json": {"val/loss": {"old": 1.0, "new": nan, "diff": nan}}
+    }
