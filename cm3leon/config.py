@@ -395,6 +395,7 @@ class ModelConfig:
     max_seq_len: int | None = None
     init_std: float = 0.006  # truncated-normal init, as in the paper
     image_positions: bool = False  # + a learned embedding of each image token's cell
+    rotary: bool = False  # + rotary position embedding (RoPE) of queries and keys
 
     def __post_init__(self) -> None:
         _check(

@@ -13,6 +13,11 @@ The paper's choices, all on by default and not switchable (STYLE.md §10):
   retrieved documents before it. Cells come from the ids (the token's place in its run of
   image ids; the cache carries each row's run) unless the caller passes the true ``cells``
   (CM3-masked training sequences, whose moved spans would restart a run);
+* optionally (``rotary``, ``pretrain.model.rotary``) rotary position embeddings (RoPE, Su et
+  al. 2021; LlamaGen, Chameleon and Emu3 use them) of every head's queries and keys at the
+  same positions, on top of the learned absolute ones: attention scores then also depend on
+  how far apart two tokens are, which is what "the word after *left:*" needs wherever a caption
+  puts it. Also this project's addition (README, Quality experiments);
 * truncated-normal init with ``std = init_std`` (0.006), cut at +-2 std, and zero-initialised
   output projections (attention out-projection and MLP down-projection of every block), so at
   init every block is the identity on the residual stream;
@@ -59,6 +64,7 @@ class TransformerShape:
     init_std: float = 0.006
     image_cells: int = 0  # > 0: image tokens get a cell embedding (tokens per image)
     image_offset: int = 0  # first image id; image ids are [image_offset, vocab_size)
+    rotary: bool = False  # + rotary position embedding (RoPE) of queries and keys
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
@@ -69,6 +75,8 @@ class TransformerShape:
                 f"TransformerShape.d_model ({self.d_model}) must be divisible by "
                 f"n_head ({self.n_head})"
             )
+        if self.rotary and self.head_dim % 2:
+            raise ValueError(f"TransformerShape.rotary needs an even head_dim, got {self.head_dim}")
         if self.init_std <= 0:
             raise ValueError(f"TransformerShape.init_std must be > 0, got {self.init_std}")
         if self.image_cells < 0 or (
@@ -116,6 +124,7 @@ class TransformerShape:
         return cls(
             vocab_size=vocab_size,
             init_std=model_config.init_std,
+            rotary=model_config.rotary,
             **model_config.shape(),
             **cells,
         )
@@ -211,6 +220,7 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = shape.head_dim
         self.qkv_proj = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
         self.out_proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
+        self.rotary = shape.rotary
 
     def forward(
         self,
@@ -218,13 +228,17 @@ class CausalSelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``attn_mask`` (B, 1, T, past + T), True = attend, replaces the causal rule when
-        rows are padded (built once per forward by :class:`DecoderLM`)."""
+        rows are padded (built once per forward by :class:`DecoderLM`); ``rotation``: the
+        rotary ``(cos, sin)`` of each token's position, each ``(B or 1, 1, T, head_dim / 2)``."""
         B, T, D = x.shape
         q, k, v = self.qkv_proj(x).split(D, dim=-1)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, n_head, T, head_dim)
+        if rotation is not None:
+            q, k = rotate(q, *rotation), rotate(k, *rotation)  # cached keys are rotated
         past = 0 if kv_cache is None else kv_cache.length
         if kv_cache is not None:
             # (B, n_head, past + T, head_dim); cast back in case the cache's dtype differs
@@ -246,6 +260,28 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(y)
+
+
+ROTARY_BASE = 10_000.0
+
+
+def rotary_angles(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (Su et al. 2021): ``(cos, sin)`` of ``positions`` (B or 1, T) times the frequencies
+    ``ROTARY_BASE ** (-2i / head_dim)``, each ``(B or 1, 1, T, head_dim / 2)``."""
+    half = head_dim // 2
+    frequencies = ROTARY_BASE ** (
+        -torch.arange(half, device=positions.device, dtype=torch.float32) / half
+    )
+    angles = positions.float()[..., None] * frequencies  # (B or 1, T, half)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair ``(x[..., i], x[..., i + half])`` of ``x`` (B, H, T, head_dim) by its
+    angle (the GPT-NeoX / Llama layout)."""
+    first, second = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
 
 class MLP(nn.Module):
@@ -274,8 +310,9 @@ class Block(nn.Module):
         kv_cache: KVCache | None,
         layer: int,
         attn_mask: torch.Tensor | None = None,
+        rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask)
+        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask, rotation)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -363,8 +400,9 @@ class DecoderLM(nn.Module):
             if cells is None:
                 cells = torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
             x = x + self.cell_embedding(cells)
+        rotation = rotary_angles(positions, self.shape.head_dim) if self.shape.rotary else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, kv_cache, layer, attn_mask)
+            x = block(x, kv_cache, layer, attn_mask, rotation)
         if kv_cache is not None:
             real = torch.ones_like(ids, dtype=torch.bool) if pad_mask is None else pad_mask
             kv_cache.valid[:, past : past + T] = real

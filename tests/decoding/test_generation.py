@@ -23,7 +23,10 @@ CELLS = TransformerShape(
     image_cells=GRID,
     image_offset=VOCAB.image_offset,
 )
-SHAPES = pytest.mark.parametrize("shape", [SHAPE, CELLS], ids=["plain", "image_cells"])
+ROTARY = TransformerShape(**{**CELLS.to_dict(), "rotary": True})
+SHAPES = pytest.mark.parametrize(
+    "shape", [SHAPE, CELLS, ROTARY], ids=["plain", "image_cells", "rotary"]
+)
 
 
 def model(shape: TransformerShape = SHAPE) -> DecoderLM:

@@ -7,13 +7,21 @@ import torch
 from torch import nn
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.transformer import DecoderLM, KVCache, TransformerShape
+from cm3leon.model.transformer import (
+    DecoderLM,
+    KVCache,
+    TransformerShape,
+    rotary_angles,
+    rotate,
+)
 
 SHAPE = TransformerShape(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32)
 # ids 30..39 are image ids; an image is 4 tokens
 CELLS = TransformerShape(
     vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32, image_cells=4, image_offset=30
 )
+
+ROTARY = TransformerShape(**{**CELLS.to_dict(), "rotary": True})
 
 
 def make_model(shape: TransformerShape = SHAPE, seed: int = 0) -> DecoderLM:
@@ -83,7 +91,7 @@ def test_causal_future_tokens_do_not_change_earlier_logits():
     assert not torch.allclose(before[:, 8:], after[:, 8:])
 
 
-@pytest.mark.parametrize("shape", [SHAPE, CELLS], ids=["plain", "image_cells"])
+@pytest.mark.parametrize("shape", [SHAPE, CELLS, ROTARY], ids=["plain", "image_cells", "rotary"])
 @pytest.mark.parametrize("chunks", [[1] * 12, [5, 1, 3, 3], [4, 8], [12]])
 def test_kv_cache_matches_full_forward(chunks, shape):
     model = randomize(make_model(shape))
@@ -102,6 +110,34 @@ def test_kv_cache_matches_full_forward(chunks, shape):
             position += size
     assert cache.length == sum(chunks)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_rotary_scores_depend_on_the_distance_only():
+    """RoPE: the score of a rotated query and key depends on their positions' difference, and
+    rotation keeps every vector's length."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 16, generator=generator)
+    positions = torch.tensor([[3, 10, 40, 47]])
+    cos, sin = rotary_angles(positions, 16)
+    rq, rk = rotate(q.expand(1, 1, 4, 16), cos, sin), rotate(k.expand(1, 1, 4, 16), cos, sin)
+    near = (rq[..., 0, :] * rk[..., 1, :]).sum()  # positions 3 and 10
+    shifted = (rq[..., 2, :] * rk[..., 3, :]).sum()  # 40 and 47: the same distance
+    torch.testing.assert_close(near, shifted, rtol=0, atol=1e-5)
+    farther = (rq[..., 0, :] * rk[..., 3, :]).sum()  # 3 and 47
+    assert not torch.isclose(near, farther, atol=1e-3)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 4), rtol=1e-5, atol=0)
+
+
+def test_rotary_changes_the_model_and_needs_an_even_head_dim():
+    plain, rotary = make_model(CELLS), make_model(ROTARY)
+    rotary.load_state_dict(randomize(plain).state_dict())
+    ids = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        assert not torch.allclose(plain(ids), rotary(ids))
+    with pytest.raises(ValueError, match="even head_dim"):
+        TransformerShape(vocab_size=8, n_layer=1, n_head=2, d_model=6, max_seq_len=4, rotary=True)
+    config = ModelConfig(preset="tiny", rotary=True)
+    assert TransformerShape.from_config(config, vocab_size=64).rotary
 
 
 def test_cache_select_reorders_rows():

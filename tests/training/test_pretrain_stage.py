@@ -30,6 +30,7 @@ from cm3leon.config import (
 )
 from cm3leon.data.prepare import prepare_corpus
 from cm3leon.model.io import load_decoder
+from cm3leon.numerics import PINNED_KERNELS
 from cm3leon.retrieval.memory_bank import build_memory_bank
 from cm3leon.tokenizers.corpus_tokenization import tokenize_corpus
 from cm3leon.tokenizers.vocab import Vocab
@@ -154,7 +155,15 @@ def test_tiny_run_exports_a_loadable_model_and_logs(inputs, tmp_path):
     assert meta["shape"]["n_layer"] == 2 and meta["shape"]["vocab_size"] == vocab.size
     env = meta["environment"]  # what shaped the numbers: explains a hash that differs
     assert env["device"] == "cpu" and env["precision"] == "fp32" and env["processes"] == 1
-    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # the stage pins ATen to AVX2 in the reproducible mode; this test process is not pinned
+    # (on an AVX-512 machine it reports AVX512)
+    pinned = env["numerics"]["mode"] == "reproducible"
+    expected = (
+        PINNED_KERNELS["ATEN_CPU_CAPABILITY"].upper()
+        if pinned
+        else torch.backends.cpu.get_cpu_capability()
+    )
+    assert env["cpu_capability"] == expected
     assert env["threads"] >= 1 and env["torch"] == torch.__version__ and env["cpu"]
     series = losses(tmp_path)
     assert len(series) == 8 and series[-1] < series[0]
