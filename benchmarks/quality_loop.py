@@ -36,6 +36,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from machine import describe_machine
 
@@ -87,6 +88,9 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, action="append", help="CFG weights (default 1)")
     parser.add_argument("--retrieved", type=int, default=None, help="default evaluate.retrieved")
     parser.add_argument("--eval-only", action="store_true", help="score the existing model")
+    parser.add_argument(
+        "--device", default="auto", help="generation device: auto (CUDA when available), cpu, cuda"
+    )
     parser.add_argument(
         "--retrieval",
         help="a memory bank and neighbor table other than dvc.yaml's (e.g. one built with other "
@@ -164,6 +168,9 @@ def main() -> None:
         phrasing=evaluate.phrasing,
         batch_size=evaluate.batch_size,
         max_text_tokens=evaluate.max_text_tokens,
+        device=("cuda" if torch.cuda.is_available() else "cpu")
+        if args.device == "auto"
+        else args.device,
     )
     judge = load_judge(paths["corpus"])
     if judge is None:
