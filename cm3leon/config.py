@@ -145,6 +145,40 @@ class CocoConfig:
 
 
 @dataclass(frozen=True)
+class TaskFilesConfig:
+    """``data.tasks``: the user's own instruction-tuning / evaluation examples, each optional
+    (a ShapeWorld corpus derives its task tables from the scenes instead). Formats
+    (:mod:`cm3leon.data.task_files`): ``vqa`` a VQAv2 questions JSON (with ``vqa_annotations``)
+    or a manifest with ``image`` (or ``image_id``), ``question``, ``answer`` or ``answers``;
+    ``editing`` a manifest with ``image``, ``instruction``, ``target``; ``segmentation`` a
+    manifest with ``image``, ``instruction``, ``mask`` (a PNG, nonzero inside); ``grounding`` a
+    COCO instances JSON (boxes), whose prompt lists the ``grounding_max_boxes`` largest boxes.
+    Manifest image paths are relative to ``root`` (default: each file's folder)."""
+
+    vqa: str | None = None
+    vqa_annotations: str | None = None
+    editing: str | None = None
+    segmentation: str | None = None
+    grounding: str | None = None
+    root: str | None = None
+    grounding_max_boxes: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.grounding_max_boxes >= 1, "data.tasks.grounding_max_boxes", "must be >= 1")
+        if self.vqa is not None and self.vqa.lower().endswith(".json"):
+            _check(
+                self.vqa_annotations is not None,
+                "data.tasks.vqa_annotations",
+                "is required when data.tasks.vqa is a VQAv2 questions JSON",
+            )
+
+    def files(self) -> dict[str, str]:
+        """The task files given, by key (``vqa``, ``vqa_annotations``, ..., ``root``)."""
+        keys = ("vqa", "vqa_annotations", "editing", "segmentation", "grounding", "root")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
 class SplitsConfig:
     """``data.splits``: fractions of unique images per split; they must sum to 1."""
 
@@ -174,6 +208,7 @@ class DataConfig:
     shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
     coco: CocoConfig = field(default_factory=CocoConfig)
+    tasks: TaskFilesConfig = field(default_factory=TaskFilesConfig)
 
     def __post_init__(self) -> None:
         _check(8 <= self.image_size <= 1024, "data.image_size", "must be in [8, 1024]")
@@ -183,6 +218,13 @@ class DataConfig:
         if self.source == "coco":
             _check(self.coco.annotations is not None, "data.coco.annotations", "is required")
             _check(self.coco.images is not None, "data.coco.images", "is required")
+        if self.source == "shapeworld":
+            given = [k for k in self.tasks.files() if k != "root"]
+            _check(
+                not given,
+                f"data.tasks.{given[0] if given else ''}",
+                "is for user data: a ShapeWorld corpus derives its task tables from its scenes",
+            )
 
 
 @dataclass(frozen=True)

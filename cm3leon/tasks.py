@@ -153,6 +153,7 @@ VQA = TaskSpec(
             ("image_id", pa.string()),
             ("question", pa.string()),
             ("answer", pa.string()),
+            ("answers", pa.list_(pa.string())),  # every reference answer (VQAv2: ten humans')
             ("question_type", pa.string()),
         ]
     ),
@@ -161,6 +162,7 @@ VQA = TaskSpec(
             ("image_id", pa.string()),
             ("question", pa.string()),
             ("answer", pa.string()),
+            ("answers", pa.list_(pa.string())),  # every reference answer (VQAv2: ten humans')
             ("question_type", pa.string()),
             ("question_ids", IDS),
             ("answer_ids", IDS),
@@ -181,6 +183,7 @@ EDITING = TaskSpec(
     scorer="scene",
     headline="accuracy",
     needs_judge=True,
+    generic_headline="target_similarity_dual_encoder",
     truth="target_objects",
     image=ImageField("target", "target_image", 3, "target_image_ids"),
     table_schema=pa.schema(
@@ -215,6 +218,7 @@ GROUNDING = TaskSpec(
     scorer="scene",
     headline="accuracy",
     needs_judge=True,
+    generic_headline="target_similarity_dual_encoder",
     truth="objects",
     query="prompt",
     table_schema=pa.schema(

@@ -280,6 +280,40 @@ def _read_jsonl(path: Path) -> tuple[list[str], Rows]:
 _READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
 
 
+def read_json(path: Path, what: str, kind: str = "JSON") -> Any:
+    """The parsed JSON file ``path`` (``what`` and ``kind`` name it in errors): a missing or
+    unreadable file is a :class:`DatasetError` naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read {kind}: {err}") from None
+
+
+def read_rows(path: Path, what: str = "manifest") -> tuple[list[str], Rows]:
+    """The column names and ``(row label, row)`` pairs of a CSV / Parquet / JSON-lines file
+    (``what`` names it in errors); an unknown extension, a missing or unreadable file and
+    duplicated column names are :class:`DatasetError` s naming the file."""
+    file = str(path)
+    kind = MANIFEST_FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DatasetError(
+            f"{file}: unknown {what} extension {path.suffix!r};"
+            f" expected one of {', '.join(MANIFEST_FORMATS)}"
+        )
+    if not path.is_file():
+        raise DatasetError(f"{file}: {what} file not found")
+    try:
+        columns, rows = _READERS[kind](path)
+    except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as err:
+        raise DatasetError(f"{file}: cannot read the {kind} {what}: {err}") from None
+    if len(set(columns)) != len(columns):
+        found = ", ".join(repr(c) for c in columns) or "none"
+        raise DatasetError(f"{file}: duplicated column names; found columns: {found}")
+    return columns, rows
+
+
 def load_manifest(
     path: str | Path,
     root: str | Path | None = None,
@@ -290,22 +324,9 @@ def load_manifest(
     ``caption_chars``: the (min, max) caption length a row may have."""
     path = Path(path)
     file = str(path)
-    kind = MANIFEST_FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DatasetError(
-            f"{file}: unknown manifest extension {path.suffix!r};"
-            f" expected one of {', '.join(MANIFEST_FORMATS)}"
-        )
-    if not path.is_file():
-        raise DatasetError(f"{file}: manifest file not found")
+    columns, rows = read_rows(path)
     root_dir = _root(path.parent if root is None else root, file, "dataset root")
-    try:
-        columns, rows = _READERS[kind](path)
-    except (OSError, UnicodeDecodeError, csv.Error, pa.ArrowException) as err:
-        raise DatasetError(f"{file}: cannot read the {kind} manifest: {err}") from None
     found = ", ".join(repr(c) for c in columns) or "none"
-    if len(set(columns)) != len(columns):
-        raise DatasetError(f"{file}: duplicated column names; found columns: {found}")
     missing = ", ".join(repr(c) for c in REQUIRED_COLUMNS if c not in columns)
     if missing:
         raise DatasetError(f"{file}: missing required column {missing}; found columns: {found}")
@@ -381,12 +402,7 @@ def load_coco(
     """
     path = Path(annotations_json)
     file = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise DatasetError(f"{file}: COCO annotations file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DatasetError(f"{file}: cannot read COCO JSON: {err}") from None
+    data = read_json(path, "COCO annotations", "COCO JSON")
     if not isinstance(data, dict):
         raise DatasetError(f"{file}: top level must be a JSON object with images and annotations")
     for key in ("images", "annotations"):

@@ -6,7 +6,9 @@
   every paraphrase template (the primary caption is drawn per image), derive the task tables;
 - ``manifest`` / ``coco``: import the user's images and captions (:mod:`cm3leon.data.importers`);
   invalid rows either fail the stage, listing every problem, or go to the quarantine table,
-  per ``data.on_invalid``. User data has no task tables (they stay empty).
+  per ``data.on_invalid``. The task tables come from the user's task files (``data.tasks``,
+  :mod:`cm3leon.data.task_files`), whose invalid rows go the same way; a task without a file
+  has an empty table.
 
 A ShapeWorld corpus also records its scene judge in the manifest
 (:func:`~cm3leon.data.scene_judge.judge_manifest_entry`): the stages that score exactly build
@@ -39,6 +41,7 @@ from cm3leon.data.shapeworld import (
     scene_to_json,
 )
 from cm3leon.data.splits import assign_splits
+from cm3leon.data.task_files import load_task_files
 from cm3leon.data.tasks import build_task_tables
 
 log = logging.getLogger(__name__)
@@ -78,10 +81,17 @@ def prepare_corpus(
                 f"data.source={config.source}: no valid documents to write "
                 f"({len(result.invalid)} invalid rows){reasons}"
             )
+        # the user's task files point at these documents; their bad rows join the documents'
+        task_import = load_task_files(config.tasks, result.records, config.image_size)
+        result.invalid.extend(task_import.invalid)
         records, quarantine = apply_invalid_policy(result, config.on_invalid)
         if quarantine:
             log.warning("%d invalid rows set aside in the quarantine table", len(quarantine))
-        tasks, judge = None, {}  # user data: no scene judge, the generic metrics only
+        for note in task_import.notes:
+            log.warning("%s", note)
+        tasks = task_import.tables
+        judge = {"task_import_notes": task_import.notes} if task_import.notes else {}
+        # user data: no scene judge, the generic metrics only
     records = _with_splits(records, config, seed)
     return write_corpus(
         out_dir,
@@ -101,16 +111,17 @@ def check_tracked(config: DataConfig, tracked: str | Path) -> None:
     it, and the corpus would silently be stale. Paths are compared as written (made absolute,
     ``..`` resolved), so a symlink placed inside ``tracked`` is accepted."""
     if config.source == "manifest":
-        paths = {"path": config.manifest.path, "root": config.manifest.root}
+        paths = {"manifest.path": config.manifest.path, "manifest.root": config.manifest.root}
     elif config.source == "coco":
-        paths = {"annotations": config.coco.annotations, "images": config.coco.images}
+        paths = {"coco.annotations": config.coco.annotations, "coco.images": config.coco.images}
     else:
         return
+    paths.update({f"tasks.{k}": v for k, v in config.tasks.files().items()})
     root = Path(os.path.abspath(tracked))
     for key, value in paths.items():
         if value is not None and not Path(os.path.abspath(value)).is_relative_to(root):
             raise ValueError(
-                f"data.{config.source}.{key}: {value} is outside {tracked}, the folder dvc.yaml "
+                f"data.{key}: {value} is outside {tracked}, the folder dvc.yaml "
                 "tracks as prepare's input, so a change there would not rerun the pipeline; put "
                 "your data under "
                 f"{tracked}/ (copy it, link it there, or `dvc import` it)"

@@ -71,7 +71,13 @@ def vqa_rows(
             question, answer = f"is there a {color} {shape}?", "yes" if present else "no"
         rows.setdefault(
             question,
-            {"image_id": image_id, "question": question, "answer": answer, "question_type": kind},
+            {
+                "image_id": image_id,
+                "question": question,
+                "answer": answer,
+                "answers": [answer],  # one exact answer (a VQAv2 file gives ten)
+                "question_type": kind,
+            },
         )
     return list(rows.values())
 

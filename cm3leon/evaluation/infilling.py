@@ -26,7 +26,7 @@ import numpy as np
 from cm3leon.data.scene_judge import SceneJudge
 from cm3leon.data.shapeworld_parser import compare_scene
 from cm3leon.decoding.selector import Strategy
-from cm3leon.evaluation.metrics import mean_interval, wilson_interval
+from cm3leon.evaluation.metrics import mean_interval, row_cosines, wilson_interval
 from cm3leon.inference.multimodal import MultimodalModel
 
 
@@ -81,9 +81,9 @@ def infilling_metrics(
         metrics[f"{prefix}region_mse"] = float(mse.mean())
         metrics[f"{prefix}region_mse_ci95"] = mean_interval(mse, bounds=None)
     if model.retriever is not None:
-        true_emb = _normalized(model.retriever.embed_image(truth))
+        true_emb = model.retriever.embed_image(truth)
         for prefix, candidate in (("", images), ("spliced_", spliced)):
-            similarity = (_normalized(model.retriever.embed_image(candidate)) * true_emb).sum(1)
+            similarity = row_cosines(model.retriever.embed_image(candidate), true_emb)
             metrics[f"{prefix}similarity_dual_encoder"] = float(similarity.mean())
             metrics[f"{prefix}similarity_dual_encoder_ci95"] = mean_interval(
                 similarity, bounds=None
@@ -104,8 +104,3 @@ def infilling_metrics(
                 for record, right in zip(records, exact, strict=True):
                     record["correct"] = right
     return metrics, records
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)

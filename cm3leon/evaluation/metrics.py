@@ -376,6 +376,17 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray, eps: float 
     return float(value)
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b``, shape (N,): both
+    (N, D) arrays are L2-normalized in float64, then multiplied row by row."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"need two (N, D) arrays of one shape, got {a.shape} and {b.shape}")
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
 def clip_scores(
     text_embeddings: np.ndarray, image_embeddings: np.ndarray, weight: float = 2.5
 ) -> np.ndarray:

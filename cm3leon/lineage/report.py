@@ -115,20 +115,26 @@ def _fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def metrics_rows(evaluation: dict) -> list[dict]:
+def metrics_rows(evaluation: dict, corpus_tasks: Mapping[str, int] | None = None) -> list[dict]:
     """One row per task: the headline metric of each evaluated model (the exact one when the
     corpus has a scene judge, else the generic one: :func:`cm3leon.tasks.headline_metric`) and
     its 95% interval where the evaluation reports one; a task evaluate could not score says
     why; text-to-image is followed by the same metric on the real test images (the ceiling);
-    then infilling (exact scene with a judge, else dual-encoder similarity) beside its spliced
-    baseline."""
+    editing and grounding without a judge by their non-answer baselines; then infilling (exact
+    scene with a judge, else dual-encoder similarity) beside its spliced baseline.
+    ``corpus_tasks``: rows per task table of the corpus (its manifest): a table task without
+    any was neither trained by SFT nor scored, and its row says so."""
     models = [m for m in ("pretrain", "sft", "pretrain_no_retrieval") if m in evaluation]
     judged = evaluation.get("judge") is not None
     skipped = evaluation.get("skipped", {})
     rows = []
     for task, spec in TASKS.items():
         if task in skipped:
-            rows.append({"task": task, "metric": f"not scored: {skipped[task]}"})
+            if spec.table is not None and (corpus_tasks or {}).get(spec.table) == 0:
+                why = f"not trained or scored: the corpus has no {spec.table!r} rows (data.tasks)"
+            else:
+                why = f"not scored: {skipped[task]}"
+            rows.append({"task": task, "metric": why})
             continue
         key = headline_metric(spec, judged)
         row: dict[str, Any] = {"task": task, "metric": key}
@@ -142,6 +148,10 @@ def metrics_rows(evaluation: dict) -> list[dict]:
         real = evaluation.get("sft", {}).get(task, {}).get(f"real_{key}")
         if real is not None:  # the ceiling: the real test images of the same prompts
             rows.append({"task": f"{task}, real test images", "metric": key, "sft": real})
+        baseline = evaluation.get("sft", {}).get(task, {}).get(f"baseline_{key}")
+        if baseline is not None:  # a non-answer to beat (cm3leon.evaluation.tasks.target_metrics)
+            what = "input image unchanged" if spec.input_images else "another test row's image"
+            rows.append({"task": f"{task}, baseline: {what}", "metric": key, "sft": baseline})
     infilling = evaluation.get("infilling", {})
     if infilling:  # the middle image rows regenerated; the spliced baseline ignores context
         key = "accuracy" if judged else "similarity_dual_encoder"
@@ -223,9 +233,8 @@ def build_report(
     summary_md = root / inputs.validation / "summary.md"
     sections = []
 
-    sections.append(
-        "<h2>Headline metrics (test split)</h2>" + _table(metrics_rows(evaluation), "metrics")
-    )
+    headline = metrics_rows(evaluation, corpus.get("tasks"))
+    sections.append("<h2>Headline metrics (test split)</h2>" + _table(headline, "metrics"))
     best = evaluation.get("best_text_to_image")
     if best:
         key = best.get("metric", "accuracy")

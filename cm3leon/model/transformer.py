@@ -220,7 +220,6 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = shape.head_dim
         self.qkv_proj = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
         self.out_proj = nn.Linear(shape.d_model, shape.d_model, bias=False)
-        self.rotary = shape.rotary
 
     def forward(
         self,

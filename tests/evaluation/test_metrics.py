@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,9 +20,12 @@ from cm3leon.evaluation.metrics import (
     mean_interval,
     normalize_vqa_answer,
     r_precision_hits,
+    row_cosines,
     vqa_accuracy,
     wilson_interval,
 )
+from cm3leon.evaluation.tasks import score_vqa
+from cm3leon.tasks import VQA
 
 # ------------------------------------------------------------------------------------- VQA
 
@@ -266,3 +270,38 @@ def test_r_precision_by_hand_and_duplicate_captions_are_never_distractors():
     assert tie.tolist() == [False, False]  # a tie with a distractor is a miss
     with pytest.raises(ValueError, match="two distinct texts"):
         r_precision_hits(texts[:2], images[:2], ["a", "a"], 10, np.random.default_rng(0))
+
+
+def test_row_cosines_pairs_rows_and_ignores_scale():
+    a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    b = np.array([[3.0, 0.0], [-1.0, -1.0], [5.0, 0.0]])
+    assert np.allclose(row_cosines(a, b), [1.0, -1.0, 0.0])
+    with pytest.raises(ValueError, match="one shape"):
+        row_cosines(a, b[:2])
+
+
+def test_vqa_rows_score_ten_answers_officially_and_a_short_list_by_any_match():
+    rows = [
+        {
+            "image_id": "a",
+            "question": "q",
+            "answer": "red",
+            "question_type": "color",
+            "answers": ["red"] * 2 + ["blue"] * 8,
+        },  # VQAv2: two of ten humans said red
+        {
+            "image_id": "b",
+            "question": "q",
+            "answer": "seven",
+            "question_type": "",
+            "answers": ["seven", "7"],
+        },  # a manifest's list: any match is right
+        {"image_id": "c", "question": "q", "answer": "no", "question_type": "", "answers": ["no"]},
+    ]
+    said = [SimpleNamespace(text=t) for t in ("red", "7", "yes")]
+    metrics, records = score_vqa(None, VQA, rows, said, None, None, 0)
+    assert metrics["accuracy"] == pytest.approx((0.6 + 1.0 + 0.0) / 3)
+    assert set(metrics) >= {"accuracy_color"} and "accuracy_" not in metrics
+    assert [r["correct"] for r in records] == [False, True, False]
+    low, high = metrics["accuracy_ci95"]  # fractional credit: a mean's interval
+    assert 0 <= low < metrics["accuracy"] < high <= 1

@@ -10,7 +10,7 @@ import pytest
 
 from cm3leon.artifacts import write_png
 from cm3leon.config import load_params
-from cm3leon.lineage.report import ReportInputs, build_report, dag_svg
+from cm3leon.lineage.report import ReportInputs, build_report, dag_svg, metrics_rows
 from cm3leon.project import stage_arguments
 
 from conftest import ROOT
@@ -166,3 +166,11 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         if "Failed to load resource" in line or "net::ERR" in line or "Uncaught" in line
     ]
     assert problems == []
+
+
+def test_a_task_the_corpus_has_no_rows_for_says_it_was_neither_trained_nor_scored():
+    skipped = {t: f"no test rows in task table {t!r}" for t in ("vqa", "editing")}
+    rows = metrics_rows({"judge": None, "skipped": skipped}, {"vqa": 0, "edits": 12})
+    said = {r["task"]: r["metric"] for r in rows}
+    assert said["vqa"] == "not trained or scored: the corpus has no 'vqa' rows (data.tasks)"
+    assert said["editing"] == "not scored: no test rows in task table 'editing'"
