@@ -15,6 +15,7 @@ over the plain loop and cm3leon's speed over GPT-2.
 
     python benchmarks/train_throughput.py [--preset default] [--batch 16] [--seq-len 256]
     python benchmarks/train_throughput.py --zero-stage 1        # only the pipeline's stage
+    python benchmarks/train_throughput.py --params params.yaml  # the pretrain stage's model
     python benchmarks/train_throughput.py --device cuda --bf16 --preset 350m --batch 8 \\
         --seq-len 2048 [--skip-hf]
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe_machine, matmul_peak_flops, save_result, timed
 
-from cm3leon.config import ModelConfig, TrainConfig
+from cm3leon.config import ModelConfig, TrainConfig, load_params
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.training.deepspeed_setup import (
     deepspeed_config,
@@ -43,6 +44,7 @@ from cm3leon.training.deepspeed_setup import (
 from cm3leon.training.loop import _optimizer, lr_factor, weighted_loss
 from cm3leon.training.sequences import Batch
 
+IMAGE_CODES, IMAGE_TOKENS = 256, 64  # with --params: the default VQ's codebook and 8 x 8 grid
 TARGETS = {
     "deepspeed_overhead_max": 0.10,  # 1 - tokens/s(DeepSpeed) / tokens/s(plain)
     "plain_over_hf_min": 1.0,  # tokens/s(cm3leon plain) / tokens/s(HF GPT-2)
@@ -185,6 +187,13 @@ def measure(steps: dict, args, dtype: torch.dtype) -> tuple[dict[str, dict], dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", help="cm3leon model preset")
+    parser.add_argument(
+        "--params",
+        default=None,
+        help="take the model (preset and overrides: heads, image cells, rotary) and the "
+        "micro-batch from this params file's pretrain section, the shape the pretrain stage "
+        "trains (--preset and --batch are then ignored)",
+    )
     parser.add_argument("--vocab", type=int, default=800, help="vocabulary size")
     parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
@@ -216,7 +225,13 @@ def main() -> None:
         args.seconds = 10.0 if gpu else 20.0
     stages = list(dict.fromkeys(int(s) for s in args.zero_stage.split(",")))
 
-    shape = TransformerShape.from_config(ModelConfig(preset=args.preset), args.vocab)
+    if args.params is not None:
+        pretrain = load_params(args.params).pretrain
+        args.preset, args.batch = pretrain.model.preset, pretrain.train.micro_batch_size
+        image_offset = args.vocab - IMAGE_CODES  # image ids last, as the tokenizer lays them out
+        shape = TransformerShape.from_config(pretrain.model, args.vocab, image_offset, IMAGE_TOKENS)
+    else:
+        shape = TransformerShape.from_config(ModelConfig(preset=args.preset), args.vocab)
     if args.seq_len > shape.max_seq_len:
         parser.error(f"--seq-len {args.seq_len} exceeds the preset's max_seq_len")
 
