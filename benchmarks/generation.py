@@ -14,6 +14,11 @@ tokens generated per second for a text-to-image workload: ``--prompts`` prompts 
   the conditional rows and one over the unconditional rows (outputs must be identical);
 * ``hf_generate``: Hugging Face ``GPT2LMHeadModel.generate`` of the same shape, greedy, 64 new
   tokens, same prompts, with *no* modality constraint;
+* ``hf_guided``: the same ``generate`` doing ``cfg_batched``'s work: classifier-free guidance
+  at the same weight through its ``guidance_scale`` with the unconditional prompts as
+  ``negative_prompt_ids`` (HF's ``UnbatchedClassifierFreeGuidanceLogitsProcessor``: a second,
+  KV-cached forward of the unconditional rows per step) and the image-only constraint through
+  ``prefix_allowed_tokens_fn``, greedy, exactly 64 image ids;
 
 and reports each one's seconds per batch, image tokens/s and achieved FLOP/s against this
 machine's measured matmul peak, plus the speedups cached/uncached, batched/two-pass CFG and
@@ -375,6 +380,28 @@ def main() -> None:
             return out[:, hf_ids.shape[1] :].tolist()
 
         configs["hf_generate"] = run_hf
+        hf_uncond, hf_uncond_mask = (t.to(device) for t in left_pad(uncond, vocab.pad))
+        image_ids = list(range(vocab.image_offset, vocab.size))
+
+        def run_hf_guided() -> Outputs:
+            """Hugging Face greedy generation with CFG and the image-only constraint."""
+            out = hf_model.generate(
+                input_ids=hf_ids,
+                attention_mask=hf_mask,
+                max_new_tokens=IMAGE_TOKENS,
+                min_new_tokens=IMAGE_TOKENS,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=vocab.pad,
+                guidance_scale=CFG_WEIGHT,
+                negative_prompt_ids=hf_uncond,
+                negative_prompt_attention_mask=hf_uncond_mask.long(),
+                prefix_allowed_tokens_fn=lambda batch_id, ids: image_ids,
+            )
+            return out[:, hf_ids.shape[1] :].tolist()
+
+        configs["hf_guided"] = run_hf_guided
         hf_info = {
             "transformers_version": transformers.__version__,
             "attn_implementation": getattr(hf_model.config, "_attn_implementation", None),
@@ -401,13 +428,14 @@ def main() -> None:
         "cfg_batched": cond_lens + uncond_lens,
         "cfg_two_pass": cond_lens + uncond_lens,
         "hf_generate": cond_lens,
+        "hf_guided": cond_lens + uncond_lens,
     }
     dims = (n_matmul, shape.n_layer, shape.d_model)
     results = {}
     for name, times in seconds.items():
         best = min(times)
         flops = generation_flops(*dims, streams[name], IMAGE_TOKENS)
-        fed = IMAGE_TOKENS - 1 if name == "hf_generate" else IMAGE_TOKENS
+        fed = IMAGE_TOKENS - 1 if name.startswith("hf_") else IMAGE_TOKENS
         with_prefill = processed_flops(*dims, streams[name], fed)
         results[name] = {
             "seconds_per_batch": best,
@@ -432,6 +460,15 @@ def main() -> None:
             strategy="greedy, no CFG, no modality constraint",
             image_id_fraction=sum(vocab.is_image(t) for t in hf_tokens) / len(hf_tokens),
         )
+        results["hf_guided"].update(
+            hf_info,
+            note=(
+                "the same GPT2LMHeadModel, greedy generate with guidance_scale = cfg_weight, "
+                "negative_prompt_ids = the unconditional prompts (all one length, no padding), "
+                "prefix_allowed_tokens_fn = the image ids, max_new_tokens = min_new_tokens = 64"
+            ),
+            strategy=f"greedy, cfg_weight {CFG_WEIGHT}, image ids only",
+        )
 
     def rate(name: str) -> float:
         """Image tokens per second of one config."""
@@ -454,6 +491,14 @@ def main() -> None:
             "cm3leon_cached_over_hf": rate("cached") / rate("hf_generate"),
             "definition": "image tokens/s cm3leon cached / HF GPT2LMHeadModel.generate",
             "note": hf_info["note"],
+        }
+        comparisons["hf_guided"] = {
+            "cm3leon_cfg_batched_over_hf_guided": rate("cfg_batched") / rate("hf_guided"),
+            "definition": (
+                "image tokens/s cm3leon cfg_batched / HF generate with guidance_scale, "
+                "negative_prompt_ids and prefix_allowed_tokens_fn (the same guided, "
+                "constrained work)"
+            ),
         }
 
     print()
@@ -481,6 +526,10 @@ def main() -> None:
             f"cm3leon cached / HF generate: {comparisons['hf']['cm3leon_cached_over_hf']:.2f}x "
             f"(HF unconstrained: {100 * results['hf_generate']['image_id_fraction']:.0f}% of its "
             "ids are image ids)"
+        )
+        print(
+            "cm3leon cfg batched / HF guided, constrained generate: "
+            f"{comparisons['hf_guided']['cm3leon_cfg_batched_over_hf_guided']:.2f}x"
         )
 
     payload = {
