@@ -365,8 +365,18 @@ def main() -> None:
         hf_ids = torch.tensor(cond, device=device)  # equal lengths: no padding
         hf_mask = torch.ones_like(hf_ids)
 
-        def run_hf() -> Outputs:
-            """Hugging Face greedy generation of exactly ``IMAGE_TOKENS`` unconstrained ids."""
+        hf_uncond, hf_uncond_mask = (t.to(device) for t in left_pad(uncond, vocab.pad))
+        image_ids = list(range(vocab.image_offset, vocab.size))
+        hf_guidance = {
+            "guidance_scale": CFG_WEIGHT,
+            "negative_prompt_ids": hf_uncond,
+            "negative_prompt_attention_mask": hf_uncond_mask.long(),
+            "prefix_allowed_tokens_fn": lambda batch_id, ids: image_ids,
+        }
+
+        def run_hf(**extra) -> Outputs:
+            """Hugging Face greedy generation of exactly ``IMAGE_TOKENS`` ids; ``extra``: the
+            guidance and constraint arguments of ``hf_guided`` (none: unconstrained)."""
             out = hf_model.generate(
                 input_ids=hf_ids,
                 attention_mask=hf_mask,
@@ -376,32 +386,12 @@ def main() -> None:
                 num_beams=1,
                 use_cache=True,
                 pad_token_id=vocab.pad,
+                **extra,
             )
             return out[:, hf_ids.shape[1] :].tolist()
 
         configs["hf_generate"] = run_hf
-        hf_uncond, hf_uncond_mask = (t.to(device) for t in left_pad(uncond, vocab.pad))
-        image_ids = list(range(vocab.image_offset, vocab.size))
-
-        def run_hf_guided() -> Outputs:
-            """Hugging Face greedy generation with CFG and the image-only constraint."""
-            out = hf_model.generate(
-                input_ids=hf_ids,
-                attention_mask=hf_mask,
-                max_new_tokens=IMAGE_TOKENS,
-                min_new_tokens=IMAGE_TOKENS,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=vocab.pad,
-                guidance_scale=CFG_WEIGHT,
-                negative_prompt_ids=hf_uncond,
-                negative_prompt_attention_mask=hf_uncond_mask.long(),
-                prefix_allowed_tokens_fn=lambda batch_id, ids: image_ids,
-            )
-            return out[:, hf_ids.shape[1] :].tolist()
-
-        configs["hf_guided"] = run_hf_guided
+        configs["hf_guided"] = lambda: run_hf(**hf_guidance)
         hf_info = {
             "transformers_version": transformers.__version__,
             "attn_implementation": getattr(hf_model.config, "_attn_implementation", None),
