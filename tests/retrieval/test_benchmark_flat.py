@@ -27,21 +27,17 @@ def _benchmark():
 
 def test_exact_anchors_agree_with_faiss_flat():
     bench = _benchmark()
-    K, BlasFlat, ClusteredSphere, TorchFlat = (
-        bench.K,
-        bench.BlasFlat,
-        bench.ClusteredSphere,
-        bench.TorchFlat,
-    )
-    data = ClusteredSphere(dim=32, clusters=20, intrinsic_dim=4, spread=0.5, noise=0.03)
+    data = bench.ClusteredSphere(dim=32, clusters=20, intrinsic_dim=4, spread=0.5, noise=0.03)
     base, queries = data.sample(5000, seed=1), data.sample(64, seed=2)
     index = faiss.IndexFlatIP(32)
     index.add(base)
-    scores, ids = index.search(queries, K)
+    scores, ids = index.search(queries, bench.K)
     threshold = faiss.cvar.distance_compute_blas_threshold
-    blas_scores, blas_ids = BlasFlat(index, database_bs=1024).search(queries, K)
+    blas_scores, blas_ids = bench.BlasFlat(index, database_bs=1024).search(queries, bench.K)
     assert faiss.cvar.distance_compute_blas_threshold == threshold  # restored
-    torch_scores, torch_ids = TorchFlat(base, chunk=700).search(queries, K)  # chunks cut rows
+    torch_scores, torch_ids = bench.TorchFlat(base, chunk=700).search(
+        queries, bench.K
+    )  # chunks cut rows
     for other_scores, other_ids in ((blas_scores, blas_ids), (torch_scores, torch_ids)):
         np.testing.assert_allclose(other_scores, scores, atol=1e-5)
         assert (other_ids == ids).mean() > 0.99  # ids may swap only between near-equal scores
