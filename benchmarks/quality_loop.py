@@ -89,6 +89,12 @@ def main() -> None:
     parser.add_argument("--retrieved", type=int, default=None, help="default evaluate.retrieved")
     parser.add_argument("--eval-only", action="store_true", help="score the existing model")
     parser.add_argument(
+        "--paraphrase",
+        type=int,
+        default=0,
+        help="prompt text-to-image with each test caption's Nth phrasing (0: the primary one)",
+    )
+    parser.add_argument(
         "--device", default="auto", help="generation device: auto (CUDA when available), cpu, cuda"
     )
     parser.add_argument(
@@ -179,6 +185,10 @@ def main() -> None:
     test = load_test_set(
         paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, examples, seed
     )
+    for d in test.documents:  # the text-to-image prompts (the judge reads the scene, not this)
+        if args.paraphrase >= len(d["paraphrases"]):
+            raise SystemExit(f"--paraphrase {args.paraphrase}: {d['id']} has fewer phrasings")
+        d["caption"] = d["paraphrases"][args.paraphrase]
     default_retrieved = evaluate.retrieved if args.stage == "pretrain" else evaluate.sft_retrieved
     retrieved = default_retrieved if args.retrieved is None else args.retrieved
     results = {}
@@ -224,6 +234,7 @@ def main() -> None:
             "samples": args.samples,
             "strategy": args.strategy,
             "retrieved": retrieved,
+            "paraphrase": args.paraphrase,
         },
         "retrieval": paths["retrieval"],
         "results": results,

@@ -74,14 +74,16 @@ class ShapeWorldConfig:
     """``data.shapeworld``: the embedded procedural image-caption corpus (DESIGN.md §4).
 
     Images are ``data.image_size`` pixels square, divided into a ``grid_size`` x ``grid_size``
-    grid; each image holds ``min_objects..max_objects`` objects in distinct cells, each drawn
-    with a shape, color and size from the lists below and shifted by up to
-    ``position_jitter`` pixels inside its cell.
+    grid; each image holds ``min_objects..max_objects`` objects in distinct cells (each count
+    equally likely, or in the proportions ``object_weights`` gives), each drawn with a shape,
+    color and size from the lists below and shifted by up to ``position_jitter`` pixels inside
+    its cell.
     """
 
     num_images: int = 6000
     min_objects: int = 1
     max_objects: int = 2
+    object_weights: tuple[float, ...] | None = None  # one weight per count min..max; None: equal
     grid_size: int = 3
     shapes: tuple[str, ...] = ("square", "circle", "triangle")
     colors: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "cyan")
@@ -121,6 +123,19 @@ class ShapeWorldConfig:
             _check(len(set(values)) == len(values), f"{where}.{key}", "has repeated entries")
             unknown = [v for v in values if v not in known]
             _check(not unknown, f"{where}.{key}", f"unknown {unknown}; known: {sorted(known)}")
+        if self.object_weights is not None:
+            counts = self.max_objects - self.min_objects + 1
+            _check(
+                len(self.object_weights) == counts,
+                f"{where}.object_weights",
+                f"needs one weight per object count {self.min_objects}..{self.max_objects} "
+                f"({counts}), got {len(self.object_weights)}",
+            )
+            _check(
+                all(w >= 0 for w in self.object_weights) and sum(self.object_weights) > 0,
+                f"{where}.object_weights",
+                "weights must be >= 0 with a positive sum",
+            )
         _check(0 <= self.position_jitter <= 2, f"{where}.position_jitter", "must be in 0..2")
         _check(self.vqa_per_image >= 0, f"{where}.vqa_per_image", "must be >= 0")
         _check(self.edits_per_image >= 0, f"{where}.edits_per_image", "must be >= 0")
@@ -259,6 +274,9 @@ class VQConfig:
     ema_decay: float = 0.99
     commitment: float = 0.25
     restart_threshold: float = 0.5  # EMA usage count under which a code is restarted
+    # The order in which a code grid becomes a token sequence (cm3leon.tokenizers.vq):
+    # "raster" (row by row) or "hilbert" (a Hilbert curve: each 2x2, 4x4, ... block contiguous)
+    token_order: Literal["raster", "hilbert"] = "raster"
 
     def __post_init__(self) -> None:
         where = "tokenize.vq"

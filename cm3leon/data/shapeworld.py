@@ -77,7 +77,12 @@ def position_name(row: int, col: int, grid_size: int) -> str:
 
 def sample_scene(rng: np.random.Generator, config: ShapeWorldConfig) -> Scene:
     """Draw one scene: object count, distinct cells, attributes and jitter, in reading order."""
-    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    if config.object_weights is None:
+        n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    else:
+        weights = np.asarray(config.object_weights, dtype=np.float64)
+        counts = np.arange(config.min_objects, config.max_objects + 1)
+        n = int(rng.choice(counts, p=weights / weights.sum()))
     cells = sorted(rng.choice(config.grid_size**2, size=n, replace=False).tolist())
     jitter = config.position_jitter
     objects = []

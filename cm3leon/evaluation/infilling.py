@@ -1,15 +1,18 @@
 """Image infilling, scored on any data (CM3's causal-masked objective, CM3Leon §2.3).
 
-For each test document ``caption <break> image`` the middle rows of the image grid (half of
-its rows, e.g. rows 2-5 of 8) are masked and the model regenerates them with both sides in
-view: the prompt is ``<bos> caption <break> top rows <mask:0> bottom rows <mask:0>`` and the
-model writes exactly the masked image ids (:meth:`MultimodalModel.infill_many`). The result is
-compared with the true image:
+For each test document ``caption <break> image`` the middle half of its image tokens is
+masked (one contiguous span, as CM3 masks) and the model regenerates it with both sides in
+view: the prompt is ``<bos> caption <break> first tokens <mask:0> last tokens <mask:0>`` and the
+model writes exactly the masked image ids (:meth:`MultimodalModel.infill_many`). In the default
+raster token order the span is the middle rows of the code grid (rows 2-5 of 8); in another
+order (``tokenize.vq.token_order``) it is whatever cells those sequence positions hold (for a
+Hilbert curve on 8x8, the bottom half), and the pixel region scored below follows it. The
+result is compared with the true image:
 
 - ``similarity_dual_encoder``: cosine similarity of the dual encoder's image embeddings of the
   infilled and the true image (mean, 95% interval);
-- ``region_mse``: mean squared pixel error over the masked rows (pixels in [0, 1]);
-- both again for a *spliced* baseline (``spliced_*``), the true image with its masked rows
+- ``region_mse``: mean squared pixel error over the masked region (pixels in [0, 1]);
+- both again for a *spliced* baseline (``spliced_*``), the true image with its masked region
   taken from another test image (a fixed seeded pairing): what an infill that ignores the
   context scores. A model that uses the caption and the visible rows beats it;
 - with a scene judge, ``accuracy``: the infilled image read by the parser is exactly the true
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from cm3leon.data.scene_judge import SceneJudge
 from cm3leon.data.shapeworld_parser import compare_scene
@@ -36,6 +40,17 @@ def masked_rows(grid: int) -> tuple[int, int]:
     count = max(grid // 2, 1)
     first = (grid - count) // 2
     return first, first + count
+
+
+def masked_region(model: MultimodalModel, grid: int, first: int, end: int, size: int) -> np.ndarray:
+    """``(size, size)`` bool: the pixels of the codes at image-sequence positions
+    ``first * grid .. end * grid`` (in the tokenizer's token order; the middle rows in raster
+    order)."""
+    positions = np.zeros(grid * grid, dtype=np.int64)
+    positions[first * grid : end * grid] = 1
+    cells = model.vq.to_grid(torch.from_numpy(positions)[None])[0].numpy().astype(bool)
+    scale = size // grid
+    return np.kron(cells, np.ones((scale, scale), dtype=bool))
 
 
 def infilling_metrics(
@@ -67,15 +82,19 @@ def infilling_metrics(
     other = (np.arange(len(documents)) + rng.integers(1, len(documents), len(documents))) % len(
         documents
     )  # never the document itself
-    rows = slice(first * truth.shape[1] // grid, end * truth.shape[1] // grid)
+    region = masked_region(model, grid, first, end, truth.shape[1])  # (H, W) bool
     spliced = truth.copy()
-    spliced[:, rows] = truth[other][:, rows]
+    spliced[:, region] = truth[other][:, region]
 
     def region_mse(images: np.ndarray) -> np.ndarray:
-        diff = images[:, rows].astype(np.float64) / 255 - truth[:, rows].astype(np.float64) / 255
+        diff = (images[:, region].astype(np.float64) - truth[:, region].astype(np.float64)) / 255
         return (diff**2).reshape(len(images), -1).mean(axis=1)
 
-    metrics: dict[str, Any] = {"examples": len(documents), "masked_rows": [first, end]}
+    metrics: dict[str, Any] = {
+        "examples": len(documents),
+        "masked_rows": [first, end],  # of the token sequence's grid-row-sized blocks
+        "masked_pixel_fraction": float(region.mean()),
+    }
     for prefix, candidate in (("", images), ("spliced_", spliced)):
         mse = region_mse(candidate)
         metrics[f"{prefix}region_mse"] = float(mse.mean())

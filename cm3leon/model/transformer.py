@@ -7,7 +7,8 @@ The paper's choices, all on by default and not switchable (STYLE.md §10):
   final norm before the output head;
 * learned absolute position embeddings;
 * optionally (``image_cells > 0``, ``pretrain.model.image_positions``) a learned embedding of
-  each image token's *cell* in its image (1 .. ``image_cells``, raster order), added to the
+  each image token's *cell* in its image (1 .. ``image_cells``, the place in the image's token
+  sequence, i.e. in the tokenizer's ``token_order``), added to the
   absolute position. This is this project's addition, in the spirit of LlamaGen's 2D RoPE: with
   absolute positions alone an image cell's index shifts with the caption's length and the
   retrieved documents before it. Cells come from the ids (the token's place in its run of
@@ -324,7 +325,7 @@ class DecoderLM(nn.Module):
         self.shape = shape
         self.token_embedding = nn.Embedding(shape.vocab_size, shape.d_model)
         self.position_embedding = nn.Embedding(shape.max_seq_len, shape.d_model)
-        # row 0: not an image token; rows 1..image_cells: the cells of an image, raster order
+        # row 0: not an image token; rows 1..image_cells: the cells of an image, in token order
         self.cell_embedding = (
             nn.Embedding(shape.image_cells + 1, shape.d_model) if shape.image_cells else None
         )

@@ -11,6 +11,12 @@ as in Jukebox / Zeghidour et al. 2021) so the codebook does not collapse.
 
 Shapes: images are ``(B, 3, H, W)`` floats in [-1, 1]; latents ``(B, D, h, w)``; codes
 ``(B, h, w)`` int64 with ``h = H / 2**num_downsamples``.
+
+The tokenizer also owns the order in which a code grid becomes the token sequence the
+transformer reads and writes (``tokenize.vq.token_order``; :meth:`VQModel.to_sequence` and
+:meth:`VQModel.to_grid`): ``raster`` (row by row, as CM3Leon, LlamaGen and Chameleon) or
+``hilbert`` (a Hilbert curve, so every aligned 2x2, 4x4, ... block of codes is one contiguous
+run and consecutive tokens are grid neighbours). Everything downstream sees only sequences.
 """
 
 from __future__ import annotations
@@ -22,6 +28,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.config import VQConfig
+
+
+def hilbert_order(side: int) -> list[int]:
+    """Raster index (``row * side + col``) of each step of the Hilbert curve over a
+    ``side x side`` grid (``side`` a power of two), starting at the top-left cell and ending
+    at the top-right one (the classic ``d2xy`` construction)."""
+    if side < 1 or side & (side - 1):
+        raise ValueError(f"a Hilbert order needs a power-of-two grid side, got {side}")
+    order = []
+    for d in range(side * side):
+        x = y = 0
+        t, s = d, 1
+        while s < side:
+            rx = 1 & (t // 2)
+            ry = 1 & (t ^ rx)
+            if ry == 0:
+                if rx == 1:
+                    x, y = s - 1 - x, s - 1 - y
+                x, y = y, x
+            x, y = x + s * rx, y + s * ry
+            t //= 4
+            s *= 2
+        order.append(y * side + x)  # x: column, y: row
+    return order
+
+
+def sequence_order(side: int, token_order: str) -> torch.Tensor:
+    """``(side*side,)`` int64: the raster index of the code at each sequence position."""
+    if token_order == "raster":
+        return torch.arange(side * side)
+    if token_order == "hilbert":
+        try:
+            return torch.tensor(hilbert_order(side))
+        except ValueError as err:
+            raise ValueError(f"tokenize.vq.token_order: hilbert: {err}") from None
+    raise ValueError(f"tokenize.vq.token_order: unknown order {token_order!r}")
 
 
 class ResBlock(nn.Module):
@@ -167,6 +209,23 @@ class VQModel(nn.Module):
                 f"[{int(codes.min())}, {int(codes.max())}]"
             )
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
+
+    def to_sequence(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids ``(B, h, w)`` -> token sequences ``(B, h*w)`` in ``config.token_order``."""
+        b, h, w = codes.shape
+        if h != w:
+            raise ValueError(f"code grids must be square, got {h}x{w}")
+        return codes.reshape(b, h * w)[:, sequence_order(h, self.config.token_order)]
+
+    def to_grid(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Token sequences ``(B, h*w)`` in ``config.token_order`` -> code grids ``(B, h, w)``."""
+        b, n = sequences.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"codes per image ({n}) is not a square grid")
+        grid = torch.empty_like(sequences)
+        grid[:, sequence_order(side, self.config.token_order)] = sequences
+        return grid.reshape(b, side, side)
 
 
 def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:

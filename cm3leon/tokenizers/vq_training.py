@@ -12,7 +12,6 @@ into the tokens artifact so a later stage can tell which tokenizer made it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -88,12 +87,13 @@ def train_vq(
 def encode_images(
     model: VQModel, images: np.ndarray, batch_size: int, desc: str = "encode"
 ) -> np.ndarray:
-    """``(N, H, W, 3)`` uint8 -> codes ``(N, h*w)`` int64, row-major over the code grid."""
+    """``(N, H, W, 3)`` uint8 -> codes ``(N, h*w)`` int64, in the tokenizer's token order
+    (``tokenize.vq.token_order``: row-major by default)."""
     model.eval()
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=5):
         batch = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-        chunks.append(model.encode(to_model_input(batch)).flatten(1))
+        chunks.append(model.to_sequence(model.encode(to_model_input(batch))))
     if not chunks:
         return np.zeros((0, 0), dtype=np.int64)
     return torch.cat(chunks).numpy()
@@ -101,14 +101,11 @@ def encode_images(
 
 @torch.no_grad()
 def decode_codes(model: VQModel, codes: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Codes ``(N, h*w)`` -> ``(N, H, W, 3)`` uint8 images."""
+    """Codes ``(N, h*w)`` in the tokenizer's token order -> ``(N, H, W, 3)`` uint8 images."""
     model.eval()
-    side = math.isqrt(codes.shape[1])
-    if side * side != codes.shape[1]:
-        raise ValueError(f"codes per image ({codes.shape[1]}) is not a square grid")
     out = []
     for start in range(0, len(codes), batch_size):
-        grid = torch.from_numpy(codes[start : start + batch_size]).long().reshape(-1, side, side)
+        grid = model.to_grid(torch.from_numpy(codes[start : start + batch_size]).long())
         out.append(to_uint8(model.decode(grid)))
     return torch.cat(out).numpy()
 

@@ -1,12 +1,13 @@
 """ShapeWorld generator determinism, captions and parser agreement (clean and degraded)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from cm3leon.config import ShapeWorldConfig
+from cm3leon.config import ConfigError, ShapeWorldConfig
 from cm3leon.data.shapeworld import (
     CAPTION_TEMPLATES,
     ShapeObject,
@@ -72,6 +73,17 @@ def test_scenes_respect_the_config(scenes_and_images):
         for o in scene:
             assert o.shape in CONFIG.shapes and o.color in CONFIG.colors and o.size in CONFIG.sizes
             assert abs(o.dx) <= CONFIG.position_jitter and abs(o.dy) <= CONFIG.position_jitter
+
+
+def test_object_weights_set_the_share_of_each_object_count():
+    weighted = dataclasses.replace(CONFIG, num_images=3000, object_weights=(1.0, 0.0, 3.0))
+    counts = np.bincount([len(s) for s in generate_scenes(weighted, seed=5)], minlength=4)
+    assert counts[2] == 0  # weight 0: never drawn
+    assert counts[3] / counts[1:].sum() == pytest.approx(0.75, abs=0.03)
+    with pytest.raises(ConfigError, match="object_weights: needs one weight per object count"):
+        dataclasses.replace(CONFIG, object_weights=(1.0, 1.0))
+    with pytest.raises(ConfigError, match="object_weights: weights must be >= 0"):
+        dataclasses.replace(CONFIG, object_weights=(1.0, -1.0, 1.0))
 
 
 def test_render_draws_the_exact_palette_color_at_an_object_center():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from cm3leon.decoding.selector import Strategy
-from cm3leon.evaluation.infilling import infilling_metrics, masked_rows
+from cm3leon.evaluation.infilling import infilling_metrics, masked_region, masked_rows
 from tests.inference.test_multimodal import IMAGE, toy
 
 
@@ -39,3 +41,18 @@ def test_infilling_scores_the_model_against_a_spliced_baseline():
     assert again == metrics  # seeded: the same numbers
     with pytest.raises(ValueError, match="at least 2"):
         infilling_metrics(model, documents[:1], Strategy.named("greedy"), None, 0)
+
+
+def test_the_scored_region_follows_the_token_order():
+    model = toy("pretrain")
+    size = model.image_size
+    raster = masked_region(model, 8, 2, 6, size)
+    expected = np.zeros((size, size), dtype=bool)
+    expected[2 * size // 8 : 6 * size // 8] = True  # rows 2-5 of the code grid
+    assert np.array_equal(raster, expected)
+    model.vq.config = dataclasses.replace(model.vq.config, token_order="hilbert")
+    # sequence positions 16..47 of an 8x8 Hilbert curve: its bottom-left and bottom-right
+    # quadrants, the bottom half of the image
+    expected = np.zeros((size, size), dtype=bool)
+    expected[size // 2 :] = True
+    assert np.array_equal(masked_region(model, 8, 2, 6, size), expected)

@@ -1,5 +1,7 @@
 """VQ tokenizer: exact quantization on a hand-made codebook, shapes, EMA/restarts, persistence."""
 
+import dataclasses
+import itertools
 import json
 
 import numpy as np
@@ -7,7 +9,14 @@ import pytest
 import torch
 
 from cm3leon.config import VQConfig, VQTrainConfig
-from cm3leon.tokenizers.vq import VectorQuantizer, VQModel, psnr, to_model_input, to_uint8
+from cm3leon.tokenizers.vq import (
+    VectorQuantizer,
+    VQModel,
+    hilbert_order,
+    psnr,
+    to_model_input,
+    to_uint8,
+)
 from cm3leon.tokenizers.vq_training import (
     codebook_statistics,
     decode_codes,
@@ -86,6 +95,50 @@ def test_numpy_helpers_round_trip_shapes():
     codes = encode_images(model, images, batch_size=2)
     assert codes.shape == (5, 64)
     assert decode_codes(model, codes, batch_size=2).shape == (5, 32, 32, 3)
+
+
+def test_hilbert_order_walks_neighbours_and_keeps_blocks_contiguous():
+    for side in (2, 4, 8):
+        order = hilbert_order(side)
+        assert sorted(order) == list(range(side * side))  # a permutation of the grid
+        cells = [divmod(i, side) for i in order]
+        # consecutive tokens are grid neighbours (one step along a row or a column)
+        steps = itertools.pairwise(cells)
+        assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in steps)
+        # every aligned quadrant is one contiguous run of the sequence
+        half = side // 2
+        quadrants = [(r // half, c // half) for r, c in cells]
+        runs = [q for i, q in enumerate(quadrants) if i == 0 or q != quadrants[i - 1]]
+        assert len(runs) == 4
+    assert hilbert_order(2) == [0, 2, 3, 1]  # top-left, bottom-left, bottom-right, top-right
+    with pytest.raises(ValueError, match="power-of-two grid side, got 6"):
+        hilbert_order(6)
+
+
+@pytest.mark.parametrize("order", ["raster", "hilbert"])
+def test_token_order_round_trips_and_is_what_encode_images_writes(order):
+    model = VQModel(dataclasses.replace(TINY, token_order=order)).eval()
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    grid = model.encode(to_model_input(torch.from_numpy(images)))
+    sequences = encode_images(model, images, batch_size=3)
+    expected = grid.reshape(4, 64)
+    if order == "hilbert":
+        expected = expected[:, hilbert_order(8)]
+    assert np.array_equal(sequences, expected.numpy())
+    assert torch.equal(model.to_grid(torch.from_numpy(sequences)), grid)
+    # decoding reads the sequence back in the same order: the images of the grid
+    assert np.array_equal(
+        decode_codes(model, sequences, batch_size=3), to_uint8(model.decode(grid)).numpy()
+    )
+    with pytest.raises(ValueError, match="not a square grid"):
+        decode_codes(model, sequences[:, :60])
+
+
+def test_a_saved_tokenizer_keeps_its_token_order(tmp_path):
+    model = VQModel(dataclasses.replace(TINY, token_order="hilbert"))
+    save_vq(model, tmp_path / "vq")
+    loaded, _ = load_vq(tmp_path / "vq")
+    assert loaded.config.token_order == "hilbert"
 
 
 def test_training_reduces_loss_and_is_deterministic():
