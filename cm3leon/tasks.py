@@ -93,6 +93,12 @@ class TaskSpec:
         return tuple(re.findall(r"\{(\w+)\}", self.templates[0].split("<output>")[0]))
 
     @property
+    def guidable(self) -> bool:
+        """An image output from a prompt holding text: classifier-free guidance applies, with the
+        prompt's text masked as the unconditional stream (``render_prompt(mask_text=True)``)."""
+        return self.output == "image" and bool(self.input_texts)
+
+    @property
     def image_count(self) -> int:
         """Images in an example (input and output): what mostly sets its length, and so the
         length group of SFT's ``train.length_grouping``."""

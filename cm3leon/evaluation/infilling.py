@@ -32,6 +32,7 @@ from cm3leon.data.shapeworld_parser import compare_scene
 from cm3leon.decoding.selector import Strategy
 from cm3leon.evaluation.metrics import mean_interval, row_cosines, wilson_interval
 from cm3leon.inference.multimodal import MultimodalModel
+from cm3leon.tokenizers.vq import VQModel
 
 
 def masked_rows(grid: int) -> tuple[int, int]:
@@ -42,13 +43,13 @@ def masked_rows(grid: int) -> tuple[int, int]:
     return first, first + count
 
 
-def masked_region(model: MultimodalModel, grid: int, first: int, end: int, size: int) -> np.ndarray:
+def masked_region(vq: VQModel, grid: int, first: int, end: int, size: int) -> np.ndarray:
     """``(size, size)`` bool: the pixels of the codes at image-sequence positions
     ``first * grid .. end * grid`` (in the tokenizer's token order; the middle rows in raster
     order)."""
     positions = np.zeros(grid * grid, dtype=np.int64)
     positions[first * grid : end * grid] = 1
-    cells = model.vq.to_grid(torch.from_numpy(positions)[None])[0].numpy().astype(bool)
+    cells = vq.to_grid(torch.from_numpy(positions)[None])[0].numpy().astype(bool)
     scale = size // grid
     return np.kron(cells, np.ones((scale, scale), dtype=bool))
 
@@ -82,7 +83,7 @@ def infilling_metrics(
     other = (np.arange(len(documents)) + rng.integers(1, len(documents), len(documents))) % len(
         documents
     )  # never the document itself
-    region = masked_region(model, grid, first, end, truth.shape[1])  # (H, W) bool
+    region = masked_region(model.vq, grid, first, end, truth.shape[1])  # (H, W) bool
     spliced = truth.copy()
     spliced[:, region] = truth[other][:, region]
 

@@ -22,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cm3leon.config import SFTConfig
 from cm3leon.model.io import load_decoder
 from cm3leon.sft.mixing import mixture
@@ -42,7 +44,9 @@ log = logging.getLogger(__name__)
 def build_examples(
     tokens_dir, codec: DocumentCodec, config: SFTConfig
 ) -> dict[str, dict[str, list]]:
-    """``{split: {task: [TrainingSequence]}}`` for train and val, every task of the registry."""
+    """``{split: {task: [TrainingSequence]}}`` for train and val, every task of the registry;
+    with ``config.null_condition_fraction > 0`` also ``"train_null"``: each guidable task's
+    train examples (:attr:`TaskSpec.guidable`) with the prompt's text masked, index for index."""
     documents = {s: read_split(tokens_dir, s).to_pylist() for s in ("train", "val")}
     split_of = {d["id"]: s for s, docs in documents.items() for d in docs}
     image_of = {d["id"]: d["image_ids"] for docs in documents.values() for d in docs}
@@ -67,17 +71,23 @@ def build_examples(
         "train": {t: [] for t in TASKS},
         "val": {t: [] for t in TASKS},
     }
+    if config.null_condition_fraction > 0:
+        out["train_null"] = {t: [] for t, spec in TASKS.items() if spec.guidable}
     for task, items in rows.items():
         phrasing = phrasing_for(task, config.phrasing)
         for split, texts, images in items:
-            example = render(task, phrasing, texts, images, codec, config.loss_on_output_only)
-            out[split][task].append(
-                TrainingSequence(
-                    ids=[codec.vocab.bos, *example.ids],
-                    weights=[0.0, *example.weights],
-                    query_start=1 + example.output_start,
+            masked = (False, True) if task in out.get(f"{split}_null", {}) else (False,)
+            for mask_text in masked:
+                example = render(
+                    task, phrasing, texts, images, codec, config.loss_on_output_only, mask_text
                 )
-            )
+                out[f"{split}_null" if mask_text else split][task].append(
+                    TrainingSequence(
+                        ids=[codec.vocab.bos, *example.ids],
+                        weights=[0.0, *example.weights],
+                        query_start=1 + example.output_start,
+                    )
+                )
     return out
 
 
@@ -120,11 +130,20 @@ def finetune(
 
     size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
 
+    null = examples.get("train_null", {})
+
+    def pick(n: int, group: int | None) -> TrainingSequence:
+        task, i = mix.sample(n, seed, group)
+        if task in null and np.random.default_rng([seed, 7, n]).random() < (
+            config.null_condition_fraction
+        ):
+            return null[task][i]
+        return examples["train"][task][i]
+
     def batch_for(step: int, micro: int, rank: int, world: int):
         numbers = sample_numbers(step, micro, rank, world, size, accumulation)
         group = mix.group_of(step, seed)
-        picks = [mix.sample(n, seed, group) for n in numbers]
-        return collate([examples["train"][t][i] for t, i in picks], vocab.pad)
+        return collate([pick(n, group) for n in numbers], vocab.pad)
 
     validation = {}
     for task, seqs in examples["val"].items():

@@ -49,9 +49,15 @@ def render(
     images: Mapping[str, Sequence[int]],
     codec: DocumentCodec,
     loss_on_output_only: bool = False,
+    mask_text: bool = False,
 ) -> SFTExample:
-    """Render one example; ``images`` hold Vocab image ids, ``texts`` the template's fields."""
-    ids, output_start = _render(task, phrasing, texts, images, codec, prompt_only=False)
+    """Render one example; ``images`` hold Vocab image ids, ``texts`` the template's fields.
+    ``mask_text``: the prompt's text segments become ``<mask:0>`` as in :func:`render_prompt`
+    (the output keeps its text): an example of classifier-free guidance's unconditional
+    stream."""
+    ids, output_start = _render(
+        task, phrasing, texts, images, codec, prompt_only=False, mask_text=mask_text
+    )
     ids.append(codec.vocab.eos)
     weights = [0.0 if loss_on_output_only and j < output_start else 1.0 for j in range(len(ids))]
     return SFTExample(ids=ids, weights=weights, output_start=output_start)
@@ -107,7 +113,7 @@ def _render(
             if not all(vocab.is_image(t) for t in image):
                 raise ValueError(f"image {name!r} holds ids outside the Vocab's image range")
             ids.extend(image)
-        elif mask_text and "{" in part:
+        elif mask_text and output_start is None and "{" in part:  # the prompt's text only
             ids.append(vocab.sentinel(0))
         else:
             try:

@@ -22,6 +22,7 @@ run and consecutive tokens are grid neighbours). Everything downstream sees only
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,12 @@ from torch import nn
 from cm3leon.config import VQConfig
 
 
-def hilbert_order(side: int) -> list[int]:
+@lru_cache(maxsize=8)
+def hilbert_order(side: int) -> tuple[int, ...]:
     """Raster index (``row * side + col``) of each step of the Hilbert curve over a
     ``side x side`` grid (``side`` a power of two), starting at the top-left cell and ending
-    at the top-right one (the classic ``d2xy`` construction)."""
+    at the top-right one (the classic ``d2xy`` construction). Cached: every
+    ``to_sequence`` / ``to_grid`` call asks for it."""
     if side < 1 or side & (side - 1):
         raise ValueError(f"a Hilbert order needs a power-of-two grid side, got {side}")
     order = []
@@ -51,7 +54,7 @@ def hilbert_order(side: int) -> list[int]:
             t //= 4
             s *= 2
         order.append(y * side + x)  # x: column, y: row
-    return order
+    return tuple(order)
 
 
 def sequence_order(side: int, token_order: str) -> torch.Tensor:

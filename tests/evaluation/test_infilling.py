@@ -46,7 +46,7 @@ def test_infilling_scores_the_model_against_a_spliced_baseline():
 def test_the_scored_region_follows_the_token_order():
     model = toy("pretrain")
     size = model.image_size
-    raster = masked_region(model, 8, 2, 6, size)
+    raster = masked_region(model.vq, 8, 2, 6, size)
     expected = np.zeros((size, size), dtype=bool)
     expected[2 * size // 8 : 6 * size // 8] = True  # rows 2-5 of the code grid
     assert np.array_equal(raster, expected)
@@ -55,4 +55,4 @@ def test_the_scored_region_follows_the_token_order():
     # quadrants, the bottom half of the image
     expected = np.zeros((size, size), dtype=bool)
     expected[size // 2 :] = True
-    assert np.array_equal(masked_region(model, 8, 2, 6, size), expected)
+    assert np.array_equal(masked_region(model.vq, 8, 2, 6, size), expected)

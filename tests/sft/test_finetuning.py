@@ -61,3 +61,27 @@ def test_sequences_start_with_bos_end_with_eos_and_mark_the_output(tokens):
             assert set(s.weights[s.query_start :]) == {1.0}
     edit = build_examples(root / "tokens", codec, SFTConfig())["train"]["editing"][0]
     assert sum(vocab.is_image(t) for t in edit.ids) == 128  # source and edited image
+
+
+def test_null_condition_examples_mask_the_prompt_text_of_guidable_tasks_only(tokens):
+    root, codec = tokens
+    vocab = codec.vocab
+    assert "train_null" not in build_examples(root / "tokens", codec, SFTConfig())
+    examples = build_examples(
+        root / "tokens", codec, SFTConfig(null_condition_fraction=0.1, loss_on_output_only=True)
+    )
+    null = examples["train_null"]
+    assert set(null) == {"text_to_image", "editing", "grounding", "segmentation"}
+    for task, masked in null.items():
+        assert len(masked) == len(examples["train"][task])  # index for index
+        for plain, m in zip(examples["train"][task], masked, strict=True):
+            # the same output after a prompt whose text is <mask:0>
+            assert m.ids[m.query_start :] == plain.ids[plain.query_start :]
+            assert vocab.sentinel(0) in m.ids[: m.query_start]
+            assert len(m.ids) < len(plain.ids)
+    caption = examples["train"]["text_to_image"][0]
+    assert null["text_to_image"][0].ids[: caption.query_start][:3] == [
+        vocab.bos,
+        vocab.sentinel(0),
+        vocab.brk,
+    ]

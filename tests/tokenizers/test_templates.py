@@ -130,3 +130,14 @@ def test_unconditional_prompt_masks_text_fields_only():
         VOCAB.sentinel(0),
         B,
     ]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_masked_example_is_the_unconditional_prompt_then_the_same_output(task):
+    full = render(task, 0, TEXTS, IMAGES, CODEC)
+    masked = render(task, 0, TEXTS, IMAGES, CODEC, mask_text=True)
+    assert masked.ids[: masked.output_start] == render_prompt(
+        task, 0, TEXTS, IMAGES, CODEC, mask_text=True
+    )
+    # the output is never masked (captioning's and VQA's output is a text field)
+    assert masked.ids[masked.output_start :] == full.ids[full.output_start :]
