@@ -6,6 +6,7 @@ import json
 import re
 import sys
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -103,6 +104,25 @@ def check_evaluate_outputs(root):
         ("mix", 1.0),
         ("mix", 3.0),
     ]
+    # each weight against w = 1 of its strategy, prompt by prompt, with a paired interval
+    no_cfg = {r["strategy"]: float(r["accuracy"]) for r in cfg_rows if r["cfg_weight"] == "1.0"}
+    for r in cfg_rows:
+        gain = float(r["gain_vs_cfg1"])
+        assert gain == pytest.approx(float(r["accuracy"]) - no_cfg[r["strategy"]], abs=2e-4)
+        assert float(r["gain_vs_cfg1_low"]) <= gain <= float(r["gain_vs_cfg1_high"])
+    paired = json.loads((eval_dir / "tables/ra_vs_no_retrieval.json").read_text())
+    assert paired[1]["minus_no_retrieval"] == 0.0
+    assert paired[0]["minus_no_retrieval"] == pytest.approx(
+        paired[0]["accuracy"] - paired[1]["accuracy"], abs=2e-4
+    )
+    by_task = {
+        r["task"]: r for r in json.loads((eval_dir / "tables/pretrain_vs_sft.json").read_text())
+    }
+    for task in ("text_to_image", "captioning", "vqa"):  # scored right or wrong row by row
+        row = by_task[task]
+        assert row["sft_minus_pretrain_low"] <= row["sft_minus_pretrain"]
+        assert row["sft_minus_pretrain"] == pytest.approx(row["sft"] - row["pretrain"], abs=2e-4)
+    assert "sft_minus_pretrain" not in by_task["segmentation"]  # IoU: no paired proportion
     samples = list(csv.DictReader((eval_dir / "tables/samples.csv").open()))
     assert [int(r["samples"]) for r in samples] == [1, 2]
     retrieved = json.loads((eval_dir / "tables/retrieved_docs.json").read_text())

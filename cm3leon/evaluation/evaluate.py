@@ -195,6 +195,10 @@ def evaluate(
             "sft": round(_headline(task, metrics["sft"][task], judged), 4),
             **_headline_interval(task, "pretrain", metrics["pretrain"][task], judged),
             **_headline_interval(task, "sft", metrics["sft"][task], judged),
+            # SFT minus pretrain on the same test rows, where rows are scored right or wrong
+            **studies.paired_columns(
+                records["sft"][task], records["pretrain"][task], "sft_minus_pretrain"
+            ),
         }
         for task in metrics["sft"]
     ]
@@ -204,6 +208,12 @@ def evaluate(
                 "model": name,
                 "retrieved_at_inference": retrieved[name],
                 **_t2i_row(metrics[name]["text_to_image"]),
+                # this model minus the no-retrieval baseline, prompt by prompt
+                **studies.paired_columns(
+                    records[name]["text_to_image"],
+                    records["pretrain_no_retrieval"]["text_to_image"],
+                    "minus_no_retrieval",
+                ),
             }
             for name in ("pretrain", "pretrain_no_retrieval")
         ]

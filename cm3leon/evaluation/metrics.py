@@ -479,6 +479,38 @@ def wilson_interval(successes: float, trials: int, z: float = 1.959964) -> tuple
     return float(max(center - half, 0.0)), float(min(center + half, 1.0))
 
 
+def paired_difference_interval(
+    first: Sequence[bool], second: Sequence[bool], z: float = 1.959964
+) -> tuple[float, float, float]:
+    """``(difference, low, high)``: ``mean(first) - mean(second)`` of two 0/1 outcomes on the
+    *same* examples (e.g. one prompt set decoded two ways) and its 95% interval, by Newcombe's
+    hybrid score method for paired proportions (Newcombe 1998, Stat. Med. 17:2635, method 10):
+    the two Wilson intervals combined with the outcomes' phi correlation. Pairing removes the
+    prompt-to-prompt variance both settings share, so a difference can be clear of zero while
+    the two settings' own intervals overlap; with phi = 0 it is the unpaired hybrid interval.
+    """
+    x = np.asarray(first, dtype=bool)
+    y = np.asarray(second, dtype=bool)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"paired outcomes need two equal 1-d shapes, got {x.shape}, {y.shape}")
+    n = len(x)
+    if n == 0:
+        return 0.0, -1.0, 1.0
+    a, b = int(np.sum(x & y)), int(np.sum(x & ~y))
+    c, d = int(np.sum(~x & y)), int(np.sum(~x & ~y))
+    p1, p2 = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, z)
+    l2, u2 = wilson_interval(a + c, n, z)
+    denominator = float(a + b) * (c + d) * (a + c) * (b + d)
+    phi = (a * d - b * c) / np.sqrt(denominator) if denominator > 0 else 0.0
+    below = (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2
+    above = (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2
+    difference = p1 - p2
+    low = max(difference - float(np.sqrt(max(below, 0.0))), -1.0)
+    high = min(difference + float(np.sqrt(max(above, 0.0))), 1.0)
+    return float(difference), low, high
+
+
 def mean_interval(
     values: Sequence[float],
     z: float = 1.959964,

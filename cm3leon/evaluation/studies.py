@@ -33,6 +33,7 @@ import numpy as np
 
 from cm3leon.config import DecodingConfig
 from cm3leon.data.scene_judge import SceneJudge
+from cm3leon.evaluation.metrics import paired_difference_interval
 from cm3leon.evaluation.tasks import image_metrics, sample_correctness, strategies
 from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput, first_samples
 
@@ -155,16 +156,44 @@ def cfg_study(
     samples: int,
     retrieved: int,
 ) -> list[dict]:
+    """Accuracy per strategy and CFG weight; with a judge each row also carries
+    ``gain_vs_cfg1`` (its accuracy minus the same strategy's at w = 1, on the same prompts) with
+    the paired 95% interval (:func:`paired_columns`)."""
     documents = pool.documents[:count]
-    rows = []
+    rows, outcomes = [], {}
     for name in names:
         for weight in weights:
             generations = pool.get(name, weight, retrieved, samples, count)
-            metrics, _ = image_metrics(
+            metrics, records = image_metrics(
                 pool.model, documents, generations, judge, "objects", seed=pool.seed
             )
             rows.append(_row(metrics, strategy=name, cfg_weight=weight, samples=samples))
+            outcomes[name, float(weight)] = records
+    for row in rows:
+        baseline = outcomes.get((row["strategy"], 1.0))
+        if baseline is not None:
+            own = outcomes[row["strategy"], float(row["cfg_weight"])]
+            row.update(paired_columns(own, baseline, "gain_vs_cfg1"))
     return rows
+
+
+def paired_columns(first: Sequence[dict], second: Sequence[dict], name: str) -> dict:
+    """``name``, ``name_low``, ``name_high``: the share of ``first``'s records that are
+    ``correct`` minus ``second``'s, record by record on the same examples, with Newcombe's paired
+    95% interval (:func:`~cm3leon.evaluation.metrics.paired_difference_interval`); empty when
+    the records carry no ``correct`` (no judge) or do not pair up."""
+    if len(first) != len(second) or not first:
+        return {}
+    if not all("correct" in r for r in (*first, *second)):
+        return {}
+    difference, low, high = paired_difference_interval(
+        [r["correct"] for r in first], [r["correct"] for r in second]
+    )
+    return {
+        name: round(difference, 4),
+        f"{name}_low": round(low, 4),
+        f"{name}_high": round(high, 4),
+    }
 
 
 def samples_study(

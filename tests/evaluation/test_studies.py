@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cm3leon.config import DecodingConfig
-from cm3leon.evaluation.studies import TextToImagePool, generator_columns
+from cm3leon.evaluation.studies import TextToImagePool, generator_columns, paired_columns
 from cm3leon.inference.multimodal import Generation, first_samples
 from tests.inference.test_multimodal import toy
 
@@ -68,3 +68,13 @@ def test_generator_columns_split_the_generator_from_the_re_ranker():
     assert four["sample_accuracy"] == 0.375  # 6 right of 16
     assert four["sample_accuracy_1_objects"] == 0.625 and four["sample_accuracy_2_objects"] == 0.125
     assert four["oracle_accuracy"] == 0.75 and four["oracle_accuracy_2_objects"] == 0.5
+
+
+def test_paired_columns_need_right_or_wrong_records_on_the_same_rows():
+    first = [{"correct": c} for c in (True, True, False, True)]
+    second = [{"correct": c} for c in (True, False, False, False)]
+    columns = paired_columns(first, second, "gain")
+    assert columns["gain"] == 0.5  # 3/4 - 1/4
+    assert columns["gain_low"] < 0.5 < columns["gain_high"]
+    assert paired_columns(first, second[:3], "gain") == {}  # rows do not pair up
+    assert paired_columns([{"iou": 0.5}] * 4, second, "gain") == {}  # not right-or-wrong
