@@ -6,7 +6,7 @@ model shape:
 
 * ``deepspeed``: the real DeepSpeed engine exactly as ``cm3leon.training.loop.train`` builds it
   (``init_distributed``, cm3leon's AdamW and LambdaLR schedule, ``deepspeed_config``), with
-  ``engine(inputs)``, ``weighted_loss``, ``engine.backward`` and ``engine.step``;
+  ``training_loss`` (the loop's own loss call), ``engine.backward`` and ``engine.step``;
 * ``plain``: the same ``DecoderLM`` with a hand-written PyTorch loop;
 * ``hf_gpt2``: Hugging Face ``GPT2LMHeadModel`` of the same shape, same hand-written loop;
 
@@ -15,7 +15,8 @@ over the plain loop and cm3leon's speed over GPT-2.
 
     python benchmarks/train_throughput.py [--preset default] [--batch 16] [--seq-len 256]
     python benchmarks/train_throughput.py --zero-stage 1        # only the pipeline's stage
-    python benchmarks/train_throughput.py --params params.yaml  # the pretrain stage's model
+    python benchmarks/train_throughput.py --params params.yaml  # the pretrain stage's model and
+                                                                # numerics (base.numerics)
     python benchmarks/train_throughput.py --device cuda --bf16 --preset 350m --batch 8 \\
         --seq-len 2048 [--skip-hf]
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import describe_machine, matmul_peak_flops, save_result, timed
 
+from cm3leon import numerics
 from cm3leon.config import ModelConfig, TrainConfig, load_params
 from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.training.deepspeed_setup import (
@@ -41,7 +43,7 @@ from cm3leon.training.deepspeed_setup import (
     init_distributed,
     use_bf16,
 )
-from cm3leon.training.loop import _optimizer, lr_factor, weighted_loss
+from cm3leon.training.loop import _optimizer, lr_factor, training_loss, weighted_loss
 from cm3leon.training.sequences import Batch
 
 IMAGE_CODES, IMAGE_TOKENS = 256, 64  # with --params: the default VQ's codebook and 8 x 8 grid
@@ -109,7 +111,7 @@ def deepspeed_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf
     engine.train()
 
     def step() -> float:
-        loss = weighted_loss(engine(batch.inputs), batch)
+        loss = training_loss(engine, batch)
         engine.backward(loss)
         engine.step()
         value = loss.item()  # the real loop reads the loss every step
@@ -214,6 +216,12 @@ def main() -> None:
         "--seconds", type=float, default=None, help="timing per loop (default 20 CPU, 10 GPU)"
     )
     args = parser.parse_args()
+    if args.params is not None:
+        # the stage's kernels (base.numerics), so "the same machine" means the same arithmetic;
+        # re-executes this process once when that changes the environment
+        found = numerics.read_numerics(args.params)
+        if found is not None:
+            numerics.pin_process(*found)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU")

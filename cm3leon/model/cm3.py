@@ -70,8 +70,9 @@ def segments(ids: Sequence[int], vocab: Vocab) -> list[tuple[int, int]]:
     """Maximal runs ``(start, end)`` of non-special tokens: the places a span may come from."""
     runs: list[tuple[int, int]] = []
     start = None
+    specials = vocab.num_specials  # special ids are 0 .. num_specials - 1
     for position, token in enumerate(ids):
-        if vocab.is_special(token):
+        if 0 <= token < specials:
             if start is not None:
                 runs.append((start, position))
                 start = None
@@ -182,9 +183,11 @@ def cm3_unmask(ids: Sequence[int], vocab: Vocab) -> list[int]:
 
 
 def _reject_cm3_tokens(ids: list[int], vocab: Vocab) -> None:
-    sentinels = {vocab.sentinel(i) for i in range(vocab.num_sentinels)}
+    cm3_tokens = {vocab.sentinel(i) for i in range(vocab.num_sentinels)} | {vocab.eos_span}
+    if cm3_tokens.isdisjoint(ids):
+        return
     for position, token in enumerate(ids):
-        if token in sentinels or token == vocab.eos_span:
+        if token in cm3_tokens:
             raise ValueError(
                 f"document already holds CM3 token {vocab.token_name(token)} at position "
                 f"{position}; apply cm3_mask_spans to raw documents only"

@@ -35,6 +35,13 @@ token) keeps padded keys out of attention and gives every row positions ``0, 1, 
 first real token, so a padded row computes exactly what it computes alone. The cache remembers
 which of its slots are padding and each row's next position.
 
+Training batches are right-padded (each row's tokens first, then padding). With ``select``
+(the positions whose predictions the loss uses) the forward runs every matrix multiply on the
+real tokens only, flattened to ``(N, d_model)`` (:class:`Unpadded`), and scatters them back to
+the padded ``(B, T)`` grid only for attention; the head scores only the selected positions.
+Padding and zero-weight targets then cost no matmul FLOPs; the values are those of the padded
+forward at the same positions (the same arithmetic, only the rows of each multiply differ).
+
 A model is rebuilt from its :class:`TransformerShape` (``to_dict``/``from_dict``), which every
 checkpoint stores beside the weights (STYLE.md §6).
 """
@@ -51,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.config import ModelConfig
+from cm3leon.model.unpadded import ROWS_PER_ATTENTION_GRID, Unpadded
 
 
 @dataclass(frozen=True)
@@ -229,10 +237,17 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
         """``attn_mask`` (B, 1, T, past + T), True = attend, replaces the causal rule when
         rows are padded (built once per forward by :class:`DecoderLM`); ``rotation``: the
-        rotary ``(cos, sin)`` of each token's position, each ``(B or 1, 1, T, head_dim / 2)``."""
+        rotary ``(cos, sin)`` of each token's position, each ``(B or 1, 1, T, head_dim / 2)``.
+        With ``unpadded``, ``x`` is (N, D), the real tokens of right-padded rows: the
+        projections run on them and only attention sees the padded grids (pads come after
+        every real token of their row, so the causal rule keeps them out of its view)."""
+        if unpadded is not None:  # x: (N, D)
+            grids = unpadded.pad(self.qkv_proj(x))  # per bucket (rows, length, 3D)
+            return self.out_proj(unpadded.unpad([self._causal(g, rotation) for g in grids]))
         B, T, D = x.shape
         q, k, v = self.qkv_proj(x).split(D, dim=-1)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -260,6 +275,21 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(y)
+
+    def _causal(
+        self, qkv: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Causal attention of right-padded rows without a cache: ``qkv`` (B, T, 3D) from
+        position 0 -> (B, T, D) before the out-projection."""
+        B, T, D3 = qkv.shape
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv.split(D3 // 3, -1)
+        )  # (B, n_head, T, head_dim)
+        if rotation is not None:
+            cos, sin = (r[:, :, :T] for r in rotation)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
+        return y.transpose(1, 2).reshape(B, T, D3 // 3)
 
 
 ROTARY_BASE = 10_000.0
@@ -311,8 +341,9 @@ class Block(nn.Module):
         layer: int,
         attn_mask: torch.Tensor | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
+        unpadded: Unpadded | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask, rotation)
+        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask, rotation, unpadded)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -350,12 +381,19 @@ class DecoderLM(nn.Module):
         kv_cache: KVCache | None = None,
         pad_mask: torch.Tensor | None = None,
         cells: torch.Tensor | None = None,
+        real: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(B, T, vocab_size)`` for token ids ``(B, T)``; with a cache, ``ids`` continue
         the cached sequence and the cache is extended in place. ``pad_mask`` (B, T), True for
         real tokens, marks left padding (logits at padded positions are meaningless).
         ``cells`` (B, T): each token's image cell (0: not an image token), for shapes with
-        ``image_cells``; by default :meth:`image_cells_of` the ids."""
+        ``image_cells``; by default :meth:`image_runs` of the ids.
+
+        Training on right-padded rows: ``select`` (B, T) bool returns only the logits of those
+        positions, ``(N_select, vocab_size)`` in row order, computing every matmul on the
+        ``real`` (B, T) tokens alone (default: every position is real); ``select`` must lie
+        within ``real``. No cache, no ``pad_mask``."""
         B, T = ids.shape
         past = 0 if kv_cache is None else kv_cache.length
         if past + T > self.shape.max_seq_len:
@@ -363,6 +401,10 @@ class DecoderLM(nn.Module):
                 f"sequence of {past + T} tokens ({past} cached + {T} new) exceeds the model's "
                 f"max_seq_len {self.shape.max_seq_len}; truncate the input or use a larger preset"
             )
+        if select is not None:
+            if kv_cache is not None or pad_mask is not None:
+                raise ValueError("select is for training rows: no kv_cache, no pad_mask")
+            return self._selected_logits(ids, cells, real, select)
         if kv_cache is not None:
             if kv_cache.batch_size != B:
                 raise ValueError(f"KV cache holds {kv_cache.batch_size} rows but ids have {B}")
@@ -411,6 +453,35 @@ class DecoderLM(nn.Module):
                 kv_cache.image_run = run[:, -1]
             kv_cache.advance(T)
         return self.head(self.final_norm(x))  # (B, T, V)
+
+    def _selected_logits(
+        self,
+        ids: torch.Tensor,
+        cells: torch.Tensor | None,
+        real: torch.Tensor | None,
+        select: torch.Tensor,
+    ) -> torch.Tensor:
+        """``forward(ids, cells=cells)[select]`` with the matmuls on the ``real`` tokens only."""
+        if real is None:  # no padding: the plain layout
+            return self(ids, cells=cells)[select]  # (N_select, V)
+        if bool((select & ~real).any()):
+            raise ValueError("select marks positions outside real (padding has no logits)")
+        T = ids.shape[1]
+        if self.cell_embedding is not None and cells is None:
+            run = self.image_runs(ids)  # (B, T)
+            cells = torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
+        positions = torch.arange(T, device=ids.device)[None, :]  # (1, T)
+        rotation = rotary_angles(positions, self.shape.head_dim) if self.shape.rotary else None
+        buckets = -(-ids.shape[0] // ROWS_PER_ATTENTION_GRID)
+        unpadded = Unpadded.of(real, buckets)  # N real tokens, rows in grids of 4
+        x = self.token_embedding(ids.flatten()[unpadded.index])  # (N, D)
+        x = x + self.position_embedding(unpadded.index % T)
+        if self.cell_embedding is not None:
+            x = x + self.cell_embedding(cells.flatten()[unpadded.index])
+        for layer, block in enumerate(self.blocks):
+            x = block(x, None, layer, None, rotation, unpadded)
+        x = x[select.flatten()[unpadded.index]]  # (N_select, D)
+        return self.head(self.final_norm(x))
 
     def image_runs(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """(B, T): how many image ids end at each token (its own included; 0 for any other

@@ -7,15 +7,17 @@ Used by pretraining and SFT alike; what differs between them is only which batch
   (weight decay on matrices only), linear warmup then cosine decay to ``min_lr_ratio``;
 - resumes from the newest DeepSpeed checkpoint in ``checkpoint_dir`` — the batches of a step are
   a pure function of the step number, so a resumed run continues exactly where it stopped;
-- computes the weighted next-token loss (per-token weights come with each batch);
+- computes the weighted next-token loss (per-token weights come with each batch) on the
+  targets alone (:func:`training_loss`: padding costs no matmul);
 - logs train loss, learning rate, tokens/s, tokens seen (kept in the checkpoint), the useful
-  share of the positions computed (weighted targets over padded batch slots) and the useful-
-  token MFU (the model FLOPs of the weighted targets per second over the matmul peak that
-  :func:`~cm3leon.training.throughput.matmul_peak_flops` measures once at the start, in the
-  training dtype; padding, evaluation, logging and checkpoints all count against it) every
-  ``log_every`` steps, and validation loss and perplexity — on text tokens, image tokens and
-  the query documents — every ``eval_every`` steps and at the end, through a callback that
-  runs on rank 0 only;
+  share of the padded batch slots (weighted targets over slots; padding costs attention only)
+  and the useful-token MFU (the model FLOPs of the weighted targets per second over the matmul
+  peak that :func:`~cm3leon.training.throughput.matmul_peak_flops` measures once at the start,
+  in the training dtype) every ``log_every`` steps, over the steps since the last log; once at
+  the end the same two over the whole run (``train/run_tokens_per_second``,
+  ``train/run_mfu``: evaluation, logging and checkpoints count against those); validation
+  loss and perplexity — on text tokens, image tokens and the query documents — every
+  ``eval_every`` steps and at the end, through a callback that runs on rank 0 only;
 - shows progress on stderr (rank 0): a tqdm bar (step/total, rate, ETA, loss, tokens/s) when
   stderr is a terminal, and in any case one plain line per evaluation — step/total, train and
   val loss, tokens/s, elapsed and ETA — and one when a run resumes, so ``dvc repro`` and Prefect
@@ -64,6 +66,19 @@ def weighted_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
     )
     weights = batch.weights.flatten().to(losses.device)
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """:func:`weighted_loss` of ``model`` on ``batch``, computed on the targets alone: the
+    model scores only the positions of weight > 0 and runs its matmuls on the batch's real
+    tokens (``DecoderLM``'s ``select``), so padding and zero-weight targets (``<bos>``, CM3
+    sentinels) cost no matmul FLOPs. The same loss as the padded forward, up to float
+    summation order."""
+    select = batch.weights > 0  # (B, T)
+    logits = model(batch.inputs, cells=batch.cells, real=batch.real, select=select)
+    losses = F.cross_entropy(logits.float(), batch.targets[select], reduction="none")
+    weights = batch.weights[select]
     return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
@@ -121,21 +136,24 @@ def train(
         dtype = torch.bfloat16 if use_bf16(config) else torch.float32
         peak = matmul_peak_flops(device.type, dtype, min_seconds=0.5)["peak_flops"]
     tokens, slots, flops, window_start = 0, 0, 0.0, time.perf_counter()
+    run_tokens, run_flops, run_start = 0, 0.0, window_start  # this process's whole run
     progress = _Progress(desc, start, config.steps, rank)
     for step in range(start, config.steps):
         engine.train()
         losses = []
         for micro in range(config.gradient_accumulation_steps):
             batch = _to(batch_for(step, micro, rank, world), device)
-            loss = weighted_loss(engine(batch.inputs, cells=batch.cells), batch)
+            loss = training_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
             tokens += batch.tokens * world
             seen += batch.tokens * world
             slots += batch.inputs.numel() * world
+            run_tokens += batch.tokens * world
             if peak is not None:
                 flops += batch.tokens * world * flops_per_token(batch.inputs.shape[1])
+                run_flops += batch.tokens * world * flops_per_token(batch.inputs.shape[1])
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
@@ -169,6 +187,12 @@ def train(
                 client_state={"step": done, "tokens_seen": seen},
             )
             _prune(checkpoint_dir, world, rank)
+    if start < config.steps:  # the whole run: evaluation, logging and checkpoints included
+        elapsed = time.perf_counter() - run_start
+        whole = {"train/run_tokens_per_second": run_tokens / max(elapsed, 1e-9)}
+        if peak is not None:
+            whole["train/run_mfu"] = run_flops / max(elapsed, 1e-9) / peak
+        _log(on_log, rank, config.steps, whole)
     progress.close()
     return engine.module
 
@@ -273,9 +297,9 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], vocab: Vocab, device) -
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
-    cells = None if batch.cells is None else batch.cells.to(device)
+    optional = (None if t is None else t.to(device) for t in (batch.cells, batch.real))
     moved = (t.to(device) for t in (batch.inputs, batch.targets, batch.weights, batch.query))
-    return Batch(*moved, cells)
+    return Batch(*moved, *optional)
 
 
 def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:

@@ -61,6 +61,8 @@ class Batch:
     weights: torch.Tensor
     query: torch.Tensor  # (B, T) bool: the target belongs to the query document
     cells: torch.Tensor | None = None  # (B, T) image cell of each input (TrainingSequence.cells)
+    # (B, T) bool: the input is a real token, not right padding; None: no padding
+    real: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -151,24 +153,35 @@ def _cells(caption_tokens: int, image_tokens: int) -> list[int]:
 
 
 def collate(sequences: Sequence[TrainingSequence], pad: int) -> Batch:
-    """Shift into (inputs, targets), pad to the longest sequence with weight 0. ``cells`` are
-    kept (for the inputs) when every sequence has them."""
-    length = max(len(s.ids) for s in sequences) - 1
-    inputs = torch.full((len(sequences), length), pad, dtype=torch.long)
-    targets = torch.full((len(sequences), length), pad, dtype=torch.long)
-    weights = torch.zeros((len(sequences), length))
-    query = torch.zeros((len(sequences), length), dtype=torch.bool)
-    with_cells = all(s.cells is not None for s in sequences)
-    cells = torch.zeros((len(sequences), length), dtype=torch.long) if with_cells else None
-    for i, s in enumerate(sequences):
+    """Shift into (inputs, targets), longest sequence first, padded on the right to the
+    longest with weight 0 (``real`` marks the inputs that are not padding). Rows sorted by
+    length let attention skip most padding (:class:`~cm3leon.model.transformer.Unpadded`);
+    a batch's loss does not depend on its row order. ``cells`` are kept (for the inputs)
+    when every sequence has them."""
+    rows = sorted(sequences, key=lambda s: -len(s.ids))  # stable: ties keep their order
+    length = len(rows[0].ids) - 1
+    ids = np.full((len(rows), length + 1), pad, dtype=np.int64)
+    weights = np.zeros((len(rows), length + 1), dtype=np.float32)
+    query = np.zeros((len(rows), length), dtype=bool)
+    real = np.zeros((len(rows), length), dtype=bool)
+    with_cells = all(s.cells is not None for s in rows)
+    cells = np.zeros((len(rows), length + 1), dtype=np.int64) if with_cells else None
+    for i, s in enumerate(rows):
         n = len(s.ids) - 1
-        inputs[i, :n] = torch.tensor(s.ids[:-1])
-        targets[i, :n] = torch.tensor(s.ids[1:])
-        weights[i, :n] = torch.tensor(s.weights[1:])
+        ids[i, : n + 1] = s.ids
+        weights[i, : n + 1] = s.weights
         query[i, max(s.query_start - 1, 0) : n] = True  # targets at positions >= query_start
+        real[i, :n] = True
         if cells is not None:
-            cells[i, :n] = torch.tensor(s.cells[:-1])
-    return Batch(inputs, targets, weights, query, cells)
+            cells[i, : n + 1] = s.cells
+    return Batch(
+        inputs=torch.from_numpy(ids[:, :-1].copy()),
+        targets=torch.from_numpy(ids[:, 1:].copy()),
+        weights=torch.from_numpy(weights[:, 1:].copy()),
+        query=torch.from_numpy(query),
+        cells=None if cells is None else torch.from_numpy(cells[:, :-1].copy()),
+        real=torch.from_numpy(real),
+    )
 
 
 def sample_numbers(

@@ -1,4 +1,5 @@
-"""DecoderLM: the paper's architecture choices, causality and KV-cache equivalence."""
+"""DecoderLM: the paper's architecture choices, causality, KV-cache equivalence and the
+unpadded training layout."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from cm3leon.model.transformer import (
     rotary_angles,
     rotate,
 )
+from cm3leon.model.unpadded import Unpadded
 
 SHAPE = TransformerShape(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32)
 # ids 30..39 are image ids; an image is 4 tokens
@@ -242,3 +244,63 @@ def test_parameter_count_and_flops_per_token():
     cells = make_model(CELLS)
     assert cells.num_parameters() == model.num_parameters() + 5 * 16
     assert cells.num_parameters(exclude_embeddings=True) == 6784
+
+
+def right_padded(lengths: list[int], T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (text and image) in right-padded rows of ``lengths`` and their real mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 40, (len(lengths), T), generator=generator)
+    real = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~real, 0), real
+
+
+@pytest.mark.parametrize("shape", [SHAPE, CELLS, ROTARY], ids=["plain", "cells", "rotary"])
+@pytest.mark.parametrize("lengths", [[9, 3, 7, 12, 1, 12, 5], [12, 11, 4, 2, 2]])
+def test_selected_logits_equal_the_padded_forward_at_those_positions(shape, lengths):
+    # rows in any order (sorted or not) and any number of attention grids: the real tokens'
+    # logits are the padded forward's, and padding changes nothing
+    model = randomize(make_model(shape))
+    ids, real = right_padded(lengths, 12)
+    select = real & (torch.rand(real.shape, generator=torch.Generator().manual_seed(1)) < 0.7)
+    with torch.no_grad():
+        padded = model(ids)[select]
+        selected = model(ids, real=real, select=select)
+        other_pads = model(ids.masked_fill(~real, 7), real=real, select=select)
+        all_real = model(ids, select=torch.ones_like(real))
+    assert selected.shape == (int(select.sum()), shape.vocab_size)
+    torch.testing.assert_close(selected, padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other_pads, selected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(all_real, model(ids).flatten(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_selected_logits_gradients_match_the_padded_forward():
+    lengths = [12, 10, 7, 7, 3]
+    ids, real = right_padded(lengths, 12)
+    grads = []
+    for unpadded in (False, True):
+        model = randomize(make_model(ROTARY)).train()
+        logits = model(ids, real=real, select=real) if unpadded else model(ids)[real]
+        (logits.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unpadded_layout_grids_and_errors():
+    ids, real = right_padded([5, 4, 2, 1, 1], 6)
+    layout = Unpadded.of(real, buckets=2)  # rows {0, 1} and {2, 3, 4}
+    assert layout.shapes == ((2, 5), (3, 2)) and layout.sizes == (9, 4)
+    x = torch.arange(13.0)[:, None]
+    grids = layout.pad(x)
+    assert grids[0][1, :, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 0.0]  # row 1: 4 tokens, a pad
+    assert grids[1][:, :, 0].tolist() == [[9.0, 10.0], [11.0, 0.0], [12.0, 0.0]]
+    assert torch.equal(layout.unpad(grids), x)
+    holes = real.clone()
+    holes[0, 1] = False
+    with pytest.raises(ValueError, match="right padding"):
+        Unpadded.of(holes)
+    model = make_model()
+    with pytest.raises(ValueError, match="outside real"):
+        model(ids, real=real, select=torch.ones_like(real))
+    with pytest.raises(ValueError, match="no kv_cache"):
+        model(ids, kv_cache=model.new_cache(5), real=real, select=real)

@@ -5,8 +5,9 @@ import torch
 
 from cm3leon.config import CM3Config, PretrainConfig
 from cm3leon.model.cm3 import cm3_unmask
+from cm3leon.model.transformer import DecoderLM, TransformerShape
 from cm3leon.tokenizers.vocab import Vocab
-from cm3leon.training.loop import weighted_loss
+from cm3leon.training.loop import training_loss, weighted_loss
 from cm3leon.training.pretraining import train_sample
 from cm3leon.training.sequences import (
     RetrievalAugmentedSequences,
@@ -108,6 +109,37 @@ def test_collate_shifts_pads_and_marks_the_query():
     assert batch.tokens == int(
         sum(w > 0 for w in a.weights[1:]) + sum(w > 0 for w in b.weights[1:])
     )
+
+
+def test_collate_puts_the_longest_row_first_and_marks_real_inputs():
+    short = sequences().build(1, k=0, augment=False)
+    long = sequences().build(0, k=2, augment=False)
+    middle = sequences().build(1, k=1, augment=False)
+    batch = collate([short, long, middle], VOCAB.pad)
+    assert [batch.inputs[i].tolist()[: len(s.ids) - 1] for i, s in enumerate((long, middle))] == [
+        long.ids[:-1],
+        middle.ids[:-1],
+    ]
+    assert batch.real.sum(1).tolist() == [len(s.ids) - 1 for s in (long, middle, short)]
+    assert batch.real[2].tolist() == [True] * (len(short.ids) - 1) + [False] * (
+        len(long.ids) - len(short.ids)
+    )
+
+
+def test_training_loss_is_the_weighted_loss_of_the_padded_forward():
+    shape = TransformerShape(
+        vocab_size=VOCAB.size, n_layer=2, n_head=2, d_model=16, max_seq_len=64,
+        image_cells=4, image_offset=VOCAB.image_offset,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DecoderLM(shape)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    built = [sequences(retrieved_loss_weight=0.5).build(i % 2, k=i % 3) for i in range(5)]
+    batch = collate(built, VOCAB.pad)
+    padded = weighted_loss(model(batch.inputs, cells=batch.cells), batch)
+    torch.testing.assert_close(training_loss(model, batch), padded, rtol=1e-5, atol=1e-6)
 
 
 def test_weighted_loss_ignores_zero_weight_targets():
