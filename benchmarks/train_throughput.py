@@ -6,7 +6,9 @@ model shape:
 
 * ``deepspeed``: the real DeepSpeed engine exactly as ``cm3leon.training.loop.train`` builds it
   (``init_distributed``, cm3leon's AdamW and LambdaLR schedule, ``deepspeed_config``), with
-  ``training_loss`` (the loop's own loss call), ``engine.backward`` and ``engine.step``;
+  ``engine(inputs)``, ``weighted_loss``, ``engine.backward`` and ``engine.step`` (a batch
+  without padding: the ideal the stage's own steps are measured against,
+  ``benchmarks/pretrain_stage.py``);
 * ``plain``: the same ``DecoderLM`` with a hand-written PyTorch loop;
 * ``hf_gpt2``: Hugging Face ``GPT2LMHeadModel`` of the same shape, same hand-written loop;
 
@@ -43,7 +45,7 @@ from cm3leon.training.deepspeed_setup import (
     init_distributed,
     use_bf16,
 )
-from cm3leon.training.loop import _optimizer, lr_factor, training_loss, weighted_loss
+from cm3leon.training.loop import _optimizer, lr_factor, weighted_loss
 from cm3leon.training.sequences import Batch
 
 IMAGE_CODES, IMAGE_TOKENS = 256, 64  # with --params: the default VQ's codebook and 8 x 8 grid
@@ -111,7 +113,7 @@ def deepspeed_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf
     engine.train()
 
     def step() -> float:
-        loss = training_loss(engine, batch)
+        loss = weighted_loss(engine(batch.inputs), batch)
         engine.backward(loss)
         engine.step()
         value = loss.item()  # the real loop reads the loss every step
