@@ -50,8 +50,8 @@ from cm3leon.tokenizers.tokens import check_tokens
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import init_distributed
 from cm3leon.training.loop import training_loss, weighted_loss
-from cm3leon.training.pretraining import _sequences, step_samples, train_sample
-from cm3leon.training.sequences import Batch, collate, sample_numbers
+from cm3leon.training.pretraining import load_sequences, step_samples, training_batches
+from cm3leon.training.sequences import Batch
 
 
 def main() -> None:
@@ -75,14 +75,13 @@ def main() -> None:
     shape = TransformerShape.from_config(
         config.model, vocab.size, vocab.image_offset, manifest["image_tokens"]
     )
-    _, sequences, _ = _sequences(args.tokens, args.retrieval, config, seed, shape.max_seq_len)
-    per_step = step_samples(train_config, 1)
-    grouped = per_step if train_config.length_grouping else None
+    _, sequences, _ = load_sequences(args.tokens, args.retrieval, config, seed, shape.max_seq_len)
+    grouped = step_samples(train_config, 1) if train_config.length_grouping else None
     size = train_config.micro_batch_size
+    batch_for = training_batches(sequences, train_config, seed, 1)
 
-    def stage_batch(step: int) -> Batch:  # pretraining.pretrain's batch_for, one process
-        numbers = sample_numbers(step, 0, 0, 1, size, 1)
-        return collate([train_sample(sequences, n, seed, grouped) for n in numbers], vocab.pad)
+    def stage_batch(step: int) -> Batch:  # the stage's own batches, one process
+        return batch_for(step, 0, 0, 1)
 
     # the steps' neighbor counts and each count's mean sequence length (untimed probe)
     steps = range(args.steps)

@@ -4,8 +4,8 @@ Measures, in one run on one machine, tokens/s of full training steps (forward, b
 gradient clipping at 1.0, AdamW step) on a fixed synthetic batch for three loops over the same
 model shape:
 
-* ``deepspeed``: the real DeepSpeed engine exactly as ``cm3leon.training.loop.train`` builds it
-  (``init_distributed``, cm3leon's AdamW and LambdaLR schedule, ``deepspeed_config``), with
+* ``deepspeed``: the real DeepSpeed engine of ``cm3leon.training.loop.train`` (its
+  ``training_engine``: cm3leon's AdamW and LambdaLR schedule, ``deepspeed_config``), with
   ``engine(inputs)``, ``weighted_loss``, ``engine.backward`` and ``engine.step`` (a batch
   without padding: the ideal the stage's own steps are measured against,
   ``benchmarks/pretrain_stage.py``);
@@ -45,7 +45,7 @@ from cm3leon.training.deepspeed_setup import (
     init_distributed,
     use_bf16,
 )
-from cm3leon.training.loop import _optimizer, lr_factor, weighted_loss
+from cm3leon.training.loop import optimizer, schedule, training_engine, weighted_loss
 from cm3leon.training.sequences import Batch
 
 IMAGE_CODES, IMAGE_TOKENS = 256, 64  # with --params: the default VQ's codebook and 8 x 8 grid
@@ -100,16 +100,7 @@ def sync(device: torch.device) -> None:
 
 
 def deepspeed_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf16: bool):
-    import deepspeed
-
-    optimizer = _optimizer(model, train_config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(train_config, 1, bf16),
-    )
+    engine, _ = training_engine(model, train_config, 1, bf16)
     engine.train()
 
     def step() -> float:
@@ -124,8 +115,8 @@ def deepspeed_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf
 
 
 def plain_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf16: bool, hf: bool):
-    optimizer = _optimizer(model, train_config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, train_config))
+    adamw = optimizer(model, train_config)
+    scheduler = schedule(adamw, train_config)
     model.train()
 
     def autocast():
@@ -139,9 +130,9 @@ def plain_step_fn(model, train_config: TrainConfig, batch: Batch, device, bf16: 
             loss = weighted_loss(logits, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
+        adamw.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
         value = loss.item()
         sync(device)
         return value

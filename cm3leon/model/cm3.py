@@ -70,9 +70,9 @@ def segments(ids: Sequence[int], vocab: Vocab) -> list[tuple[int, int]]:
     """Maximal runs ``(start, end)`` of non-special tokens: the places a span may come from."""
     runs: list[tuple[int, int]] = []
     start = None
-    specials = vocab.num_specials  # special ids are 0 .. num_specials - 1
+    is_special = vocab.is_special
     for position, token in enumerate(ids):
-        if 0 <= token < specials:
+        if is_special(token):
             if start is not None:
                 runs.append((start, position))
                 start = None

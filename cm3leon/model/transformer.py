@@ -35,12 +35,13 @@ token) keeps padded keys out of attention and gives every row positions ``0, 1, 
 first real token, so a padded row computes exactly what it computes alone. The cache remembers
 which of its slots are padding and each row's next position.
 
-Training batches are right-padded (each row's tokens first, then padding). With ``select``
-(the positions whose predictions the loss uses) the forward runs every matrix multiply on the
-real tokens only, flattened to ``(N, d_model)`` (:class:`Unpadded`), and scatters them back to
-the padded ``(B, T)`` grid only for attention; the head scores only the selected positions.
-Padding and zero-weight targets then cost no matmul FLOPs; the values are those of the padded
-forward at the same positions (the same arithmetic, only the rows of each multiply differ).
+Training batches are right-padded (each row's tokens first, then padding, rows sorted longest
+first). With ``select`` (the positions whose predictions the loss uses) the forward runs on
+:class:`~cm3leon.model.unpadded.TrimmedGrids`: runs of 4 rows, each trimmed to its own longest
+row and laid flat one after another, so every matrix multiply skips nearly all padding and
+attention sees each run as a ``(rows, length)`` view; the head scores only the selected
+positions. The values are those of the padded forward at the same positions (the same
+arithmetic, only the rows of each multiply differ).
 
 A model is rebuilt from its :class:`TransformerShape` (``to_dict``/``from_dict``), which every
 checkpoint stores beside the weights (STYLE.md §6).
@@ -58,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3leon.config import ModelConfig
-from cm3leon.model.unpadded import ROWS_PER_ATTENTION_GRID, Unpadded
+from cm3leon.model.unpadded import TrimmedGrids
 
 
 @dataclass(frozen=True)
@@ -237,17 +238,18 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
         attn_mask: torch.Tensor | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-        unpadded: Unpadded | None = None,
+        grids: TrimmedGrids | None = None,
     ) -> torch.Tensor:
         """``attn_mask`` (B, 1, T, past + T), True = attend, replaces the causal rule when
         rows are padded (built once per forward by :class:`DecoderLM`); ``rotation``: the
         rotary ``(cos, sin)`` of each token's position, each ``(B or 1, 1, T, head_dim / 2)``.
-        With ``unpadded``, ``x`` is (N, D), the real tokens of right-padded rows: the
-        projections run on them and only attention sees the padded grids (pads come after
-        every real token of their row, so the causal rule keeps them out of its view)."""
-        if unpadded is not None:  # x: (N, D)
-            grids = unpadded.pad(self.qkv_proj(x))  # per bucket (rows, length, 3D)
-            return self.out_proj(unpadded.unpad([self._causal(g, rotation) for g in grids]))
+        With ``grids``, ``x`` is (M, D), the slots of right-padded rows in trimmed grids: the
+        projections run on them flat and attention on each grid's (rows, length) view (pads
+        come after every real token of their row, so the causal rule keeps them out of its
+        view)."""
+        if grids is not None:  # x: (M, D)
+            qkv = grids.split(self.qkv_proj(x))  # per grid (rows, length, 3D), views
+            return self.out_proj(grids.join([self._causal(g, rotation) for g in qkv]))
         B, T, D = x.shape
         q, k, v = self.qkv_proj(x).split(D, dim=-1)  # 3 x (B, T, D)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -341,9 +343,9 @@ class Block(nn.Module):
         layer: int,
         attn_mask: torch.Tensor | None = None,
         rotation: tuple[torch.Tensor, torch.Tensor] | None = None,
-        unpadded: Unpadded | None = None,
+        grids: TrimmedGrids | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask, rotation, unpadded)
+        x = x + self.attn(self.attn_norm(x), kv_cache, layer, attn_mask, rotation, grids)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -439,9 +441,7 @@ class DecoderLM(nn.Module):
         x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, D)
         if self.cell_embedding is not None:
             run = self.image_runs(ids, kv_cache)  # (B, T)
-            if cells is None:
-                cells = torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
-            x = x + self.cell_embedding(cells)
+            x = x + self.cell_embedding(self._cells(run) if cells is None else cells)
         rotation = rotary_angles(positions, self.shape.head_dim) if self.shape.rotary else None
         for layer, block in enumerate(self.blocks):
             x = block(x, kv_cache, layer, attn_mask, rotation)
@@ -461,27 +461,31 @@ class DecoderLM(nn.Module):
         real: torch.Tensor | None,
         select: torch.Tensor,
     ) -> torch.Tensor:
-        """``forward(ids, cells=cells)[select]`` with the matmuls on the ``real`` tokens only."""
-        if real is None:  # no padding: the plain layout
-            return self(ids, cells=cells)[select]  # (N_select, V)
-        if bool((select & ~real).any()):
+        """``forward(ids, cells=cells)[select]`` with the matmuls on the trimmed grids of the
+        ``real`` rows (:class:`TrimmedGrids`) and the head on the ``select`` positions only."""
+        if real is None:  # no padding: full-length grids
+            real = torch.ones_like(ids, dtype=torch.bool)
+        elif bool((select & ~real).any()):
             raise ValueError("select marks positions outside real (padding has no logits)")
         T = ids.shape[1]
-        if self.cell_embedding is not None and cells is None:
-            run = self.image_runs(ids)  # (B, T)
-            cells = torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
+        grids = TrimmedGrids.of(real)  # M slots, rows in grids of ROWS_PER_ATTENTION_GRID
+        x = self.token_embedding(ids.flatten()[grids.index])  # (M, D)
+        x = x + self.position_embedding(grids.index % T)
+        if self.cell_embedding is not None:
+            if cells is None:
+                cells = self._cells(self.image_runs(ids))  # (B, T)
+            x = x + self.cell_embedding(cells.flatten()[grids.index])
         positions = torch.arange(T, device=ids.device)[None, :]  # (1, T)
         rotation = rotary_angles(positions, self.shape.head_dim) if self.shape.rotary else None
-        buckets = -(-ids.shape[0] // ROWS_PER_ATTENTION_GRID)
-        unpadded = Unpadded.of(real, buckets)  # N real tokens, rows in grids of 4
-        x = self.token_embedding(ids.flatten()[unpadded.index])  # (N, D)
-        x = x + self.position_embedding(unpadded.index % T)
-        if self.cell_embedding is not None:
-            x = x + self.cell_embedding(cells.flatten()[unpadded.index])
         for layer, block in enumerate(self.blocks):
-            x = block(x, None, layer, None, rotation, unpadded)
-        x = x[select.flatten()[unpadded.index]]  # (N_select, D)
+            x = block(x, None, layer, None, rotation, grids)
+        x = x.index_select(0, grids.slots(select))  # (N_select, D)
         return self.head(self.final_norm(x))
+
+    def _cells(self, run: torch.Tensor) -> torch.Tensor:
+        """Image cell (1 .. image_cells; 0: not an image token) of each token, from its
+        position in its image run (:meth:`image_runs`)."""
+        return torch.where(run > 0, (run - 1) % self.shape.image_cells + 1, 0)
 
     def image_runs(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """(B, T): how many image ids end at each token (its own included; 0 for any other

@@ -46,6 +46,8 @@ class Vocab:
                 raise VocabError(f"{name} must be >= 1")
         index = {name: i for i, name in enumerate(self.specials)}
         object.__setattr__(self, "_index", index)
+        # read per token by is_special (CM3 masking, decoding): computed once
+        object.__setattr__(self, "_num_specials", len(index))
 
     # --- layout -------------------------------------------------------------------------------
     @property
@@ -56,7 +58,7 @@ class Vocab:
 
     @property
     def num_specials(self) -> int:
-        return len(BASE_SPECIALS) + self.num_sentinels + self.num_reserved
+        return self._num_specials  # type: ignore[attr-defined]
 
     @property
     def text_offset(self) -> int:
@@ -113,7 +115,7 @@ class Vocab:
 
     def token_name(self, token: int) -> str:
         """Human-readable name of any id (for debugging and lineage)."""
-        if 0 <= token < self.num_specials:
+        if self.is_special(token):
             return self.specials[token]
         if self.is_text(token):
             return f"<text:{token - self.text_offset}>"

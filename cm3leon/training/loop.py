@@ -62,10 +62,13 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 def weighted_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Next-token cross-entropy averaged with the batch's per-token weights."""
-    losses = F.cross_entropy(
-        logits.float().flatten(0, 1), batch.targets.flatten(), reduction="none"
-    )
-    weights = batch.weights.flatten().to(losses.device)
+    return _weighted_mean(logits.flatten(0, 1), batch.targets.flatten(), batch.weights.flatten())
+
+
+def _weighted_mean(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
+    """Cross-entropy of ``logits`` (N, V) against ``targets`` (N,), averaged with ``weights``."""
+    losses = F.cross_entropy(logits.float(), targets, reduction="none")
+    weights = weights.to(losses.device)
     return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
@@ -77,18 +80,39 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     summation order."""
     select = batch.weights > 0  # (B, T)
     logits = model(batch.inputs, cells=batch.cells, real=batch.real, select=select)
-    losses = F.cross_entropy(logits.float(), batch.targets[select], reduction="none")
-    weights = batch.weights[select]
-    return (losses * weights).sum() / weights.sum().clamp(min=1e-8)
+    return _weighted_mean(logits, batch.targets[select], batch.weights[select])
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on norms' gains or biases)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+def schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """The per-step learning-rate schedule of ``config`` (:func:`lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+
+def training_engine(model: nn.Module, config: TrainConfig, world: int, bf16: bool):
+    """``(engine, scheduler)``: the DeepSpeed engine of ``model`` with :func:`optimizer`,
+    :func:`schedule` and :func:`~cm3leon.training.deepspeed_setup.deepspeed_config` (what
+    :func:`train` runs; the throughput benchmarks time the same engine)."""
+    import deepspeed
+
+    adamw = optimizer(model, config)
+    scheduler = schedule(adamw, config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=adamw,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, world, bf16),
+    )
+    return engine, scheduler
 
 
 def train(
@@ -107,18 +131,8 @@ def train(
     ``validation`` maps a name to fixed batches scored with :func:`evaluate`; ``desc`` names
     the run in the progress output. Returns the trained module (unwrapped from the engine).
     """
-    import deepspeed
-
     rank, world, device = process
-
-    optimizer = _optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(config, world, use_bf16(config)),
-    )
+    engine, scheduler = training_engine(model, config, world, use_bf16(config))
     checkpoint_dir = Path(checkpoint_dir)
     start, seen = 0, 0  # seen: weighted training targets so far, all ranks (compute spent)
     resumed = _resume(engine, checkpoint_dir, rank, desc)
@@ -152,8 +166,9 @@ def train(
             slots += batch.inputs.numel() * world
             run_tokens += batch.tokens * world
             if peak is not None:
-                flops += batch.tokens * world * flops_per_token(batch.inputs.shape[1])
-                run_flops += batch.tokens * world * flops_per_token(batch.inputs.shape[1])
+                step_flops = batch.tokens * world * flops_per_token(batch.inputs.shape[1])
+                flops += step_flops
+                run_flops += step_flops
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start

@@ -15,7 +15,7 @@ new key and never resumes a stale checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from cm3leon.training.export import export_trained
 from cm3leon.training.loop import LogCallback, train
 from cm3leon.training.run_key import run_key
 from cm3leon.training.sequences import (
+    Batch,
     RetrievalAugmentedSequences,
     TokenDocument,
     TrainingSequence,
@@ -96,7 +97,7 @@ def equal_compute_baseline(
     grouped = per_step if config.train.length_grouping else None
     counts = []
     for setting, samples in ((config, config.train.steps * per_step), (baseline, probe)):
-        _, train, _ = _sequences(tokens_dir, retrieval_dir, setting, seed, max_seq_len)
+        _, train, _ = load_sequences(tokens_dir, retrieval_dir, setting, seed, max_seq_len)
         built = (train_sample(train, n, seed, grouped) for n in range(samples))
         counts.append(sum(sum(w > 0 for w in s.weights) for s in built) / samples)
     ratio = counts[0] / max(counts[1], 1e-9)  # tokens per sample, retrieval vs baseline
@@ -124,7 +125,7 @@ def train_sample(
     return sequences.build(document_of(n, len(sequences), seed), k=k, sample=n)
 
 
-def _sequences(tokens_dir, retrieval_dir, config: PretrainConfig, seed: int, max_seq_len: int):
+def load_sequences(tokens_dir, retrieval_dir, config: PretrainConfig, seed: int, max_seq_len: int):
     """``(vocab, train, val)`` retrieval-augmented sequences over the train split's bank."""
     vocab = Vocab.load(tokens_dir)
     bank = pq.read_table(Path(retrieval_dir) / "bank.parquet").column("id").to_pylist()
@@ -149,6 +150,24 @@ def _sequences(tokens_dir, retrieval_dir, config: PretrainConfig, seed: int, max
     return vocab, built[0], built[1]
 
 
+def training_batches(
+    sequences: RetrievalAugmentedSequences, train_config: TrainConfig, seed: int, world: int
+) -> Callable[[int, int, int, int], Batch]:
+    """The pretraining run's ``batch_for(step, micro, rank, world)``
+    (:func:`~cm3leon.training.loop.train`): the samples :func:`sample_numbers` deals that
+    micro-batch, built by :func:`train_sample` and collated."""
+    size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
+    grouped = step_samples(train_config, world) if train_config.length_grouping else None
+
+    def batch_for(step: int, micro: int, rank: int, world: int) -> Batch:
+        numbers = sample_numbers(step, micro, rank, world, size, accumulation)
+        return collate(
+            [train_sample(sequences, n, seed, grouped) for n in numbers], sequences.vocab.pad
+        )
+
+    return batch_for
+
+
 def pretrain(
     tokens_dir: str | Path,
     retrieval_dir: str | Path,
@@ -170,19 +189,11 @@ def pretrain(
     shape = TransformerShape.from_config(
         config.model, vocab.size, vocab.image_offset, tokens_manifest["image_tokens"]
     )
-    _, train_sequences, val_sequences = _sequences(
+    _, train_sequences, val_sequences = load_sequences(
         tokens_dir, retrieval_dir, config, seed, shape.max_seq_len
     )
     train_config = config.train
-    size, accumulation = train_config.micro_batch_size, train_config.gradient_accumulation_steps
-    grouped = step_samples(train_config, process.world) if train_config.length_grouping else None
-
-    def batch_for(step: int, micro: int, rank: int, world: int):
-        numbers = sample_numbers(step, micro, rank, world, size, accumulation)
-        return collate(
-            [train_sample(train_sequences, n, seed, grouped) for n in numbers], vocab.pad
-        )
-
+    batch_for = training_batches(train_sequences, train_config, seed, process.world)
     validation = {"val": _validation_batches(val_sequences, config, train_config)}
     torch.manual_seed(seed)
     model = DecoderLM(shape).to(device)

@@ -155,9 +155,9 @@ def _cells(caption_tokens: int, image_tokens: int) -> list[int]:
 def collate(sequences: Sequence[TrainingSequence], pad: int) -> Batch:
     """Shift into (inputs, targets), longest sequence first, padded on the right to the
     longest with weight 0 (``real`` marks the inputs that are not padding). Rows sorted by
-    length let attention skip most padding (:class:`~cm3leon.model.transformer.Unpadded`);
-    a batch's loss does not depend on its row order. ``cells`` are kept (for the inputs)
-    when every sequence has them."""
+    length let the matmuls and attention skip most padding
+    (:class:`~cm3leon.model.unpadded.TrimmedGrids`); a batch's loss does not depend on its row
+    order. ``cells`` are kept (for the inputs) when every sequence has them."""
     rows = sorted(sequences, key=lambda s: -len(s.ids))  # stable: ties keep their order
     length = len(rows[0].ids) - 1
     ids = np.full((len(rows), length + 1), pad, dtype=np.int64)

@@ -1,5 +1,5 @@
 """DecoderLM: the paper's architecture choices, causality, KV-cache equivalence and the
-unpadded training layout."""
+training forward on trimmed grids (``select``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from cm3leon.model.transformer import (
     rotary_angles,
     rotate,
 )
-from cm3leon.model.unpadded import Unpadded
 
 SHAPE = TransformerShape(vocab_size=40, n_layer=2, n_head=2, d_model=16, max_seq_len=32)
 # ids 30..39 are image ids; an image is 4 tokens
@@ -286,19 +285,8 @@ def test_selected_logits_gradients_match_the_padded_forward():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_unpadded_layout_grids_and_errors():
+def test_selected_logits_errors():
     ids, real = right_padded([5, 4, 2, 1, 1], 6)
-    layout = Unpadded.of(real, buckets=2)  # rows {0, 1} and {2, 3, 4}
-    assert layout.shapes == ((2, 5), (3, 2)) and layout.sizes == (9, 4)
-    x = torch.arange(13.0)[:, None]
-    grids = layout.pad(x)
-    assert grids[0][1, :, 0].tolist() == [5.0, 6.0, 7.0, 8.0, 0.0]  # row 1: 4 tokens, a pad
-    assert grids[1][:, :, 0].tolist() == [[9.0, 10.0], [11.0, 0.0], [12.0, 0.0]]
-    assert torch.equal(layout.unpad(grids), x)
-    holes = real.clone()
-    holes[0, 1] = False
-    with pytest.raises(ValueError, match="right padding"):
-        Unpadded.of(holes)
     model = make_model()
     with pytest.raises(ValueError, match="outside real"):
         model(ids, real=real, select=torch.ones_like(real))
