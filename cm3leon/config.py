@@ -523,6 +523,12 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.1
     betas: tuple[float, ...] = (0.9, 0.98)  # AdamW, as in the paper
+    # adamw: every parameter on AdamW (the paper's). muon: the transformer blocks' matrices on
+    # Muon at muon_lr (cm3leon/training/optimizers.py), embeddings and head on AdamW at lr;
+    # needs zero_stage 0 and fp32 (precision auto trains fp32 on a GPU too)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     log_every: int = 10
     eval_every: int = 100
@@ -548,6 +554,13 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(len(self.betas) == 2, "betas", "must be two numbers")
         check(self.grad_clip > 0, "grad_clip", "must be > 0")
+        check(self.optimizer in ("adamw", "muon"), "optimizer", "must be adamw or muon")
+        check(self.muon_lr > 0, "muon_lr", "must be > 0")
+        check(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
+        if self.optimizer == "muon":
+            # ZeRO and DeepSpeed's bf16 optimizer hand the optimizer flat 1-D partitions
+            check(self.zero_stage == 0, "zero_stage", "must be 0 with optimizer muon")
+            check(self.precision != "bf16", "precision", "must be fp32 or auto with optimizer muon")
 
 
 @dataclass(frozen=True)

@@ -520,6 +520,11 @@ class DecoderLM(nn.Module):
             [torch.zeros(size, **kwargs) for _ in range(self.shape.n_layer)],
         )
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The transformer blocks' 2-D weights (projections and MLP), what Muon orthogonalizes;
+        the embedding tables and the output head are not hidden (Jordan et al. 2024)."""
+        return [p for p in self.blocks.parameters() if p.ndim == 2]
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """All parameters, or only those used in matrix multiplies (blocks and output head)
         when ``exclude_embeddings`` drops the token and position lookup tables."""

@@ -36,8 +36,10 @@ def deepspeed_config(config: TrainConfig, world_size: int, use_bf16: bool) -> di
 
 
 def use_bf16(config: TrainConfig) -> bool:
+    """bf16 (DeepSpeed's bf16 optimizer) or fp32. ``auto``: bf16 on a GPU, except with
+    ``optimizer: muon``, which needs each matrix whole (the bf16 optimizer flattens them)."""
     if config.precision == "auto":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and config.optimizer != "muon"
     if config.precision == "bf16" and not torch.cuda.is_available():
         raise ValueError("train.precision: bf16 needs a GPU here; use fp32 or auto on CPU")
     return config.precision == "bf16"

@@ -4,7 +4,8 @@ Used by pretraining and SFT alike; what differs between them is only which batch
 ``batch_for`` returns and which validation sets are scored. The loop:
 
 - wraps the model in a DeepSpeed engine (:mod:`cm3leon.training.deepspeed_setup`) with AdamW
-  (weight decay on matrices only), linear warmup then cosine decay to ``min_lr_ratio``;
+  (weight decay on matrices only) or Muon on the hidden matrices (``optimizer: muon``,
+  :mod:`cm3leon.training.optimizers`), linear warmup then cosine decay to ``min_lr_ratio``;
 - resumes from the newest DeepSpeed checkpoint in ``checkpoint_dir`` — the batches of a step are
   a pure function of the step number, so a resumed run continues exactly where it stopped;
 - computes the weighted next-token loss (per-token weights come with each batch) on the
@@ -49,6 +50,7 @@ from cm3leon.config import TrainConfig
 from cm3leon.schedules import warmup_cosine
 from cm3leon.tokenizers.vocab import Vocab
 from cm3leon.training.deepspeed_setup import Process, deepspeed_config, use_bf16
+from cm3leon.training.optimizers import MuonAdamW
 from cm3leon.training.sequences import Batch
 from cm3leon.training.throughput import matmul_peak_flops
 
@@ -84,13 +86,27 @@ def training_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on the matrices only (not on norms' gains or biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    """AdamW with weight decay on the matrices only (not on norms' gains or biases); with
+    ``optimizer: muon`` the model's ``hidden_matrices()`` (the transformer blocks' weights) go
+    to Muon at ``muon_lr`` instead (:class:`~cm3leon.training.optimizers.MuonAdamW`), the AdamW
+    groups first (``train/lr`` logs the first group's rate)."""
+    hidden = set()
+    if config.optimizer == "muon":
+        hidden = {id(p) for p in model.hidden_matrices() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    for group in groups:
+        group.update(lr=config.lr, betas=tuple(config.betas))
+    matrices = [p for p in model.parameters() if id(p) in hidden]  # the model's order
+    muon = {"params": matrices, "muon": True, "lr": config.muon_lr}
+    groups.append({**muon, "weight_decay": config.weight_decay})
+    return MuonAdamW(groups, momentum=config.muon_momentum)
 
 
 def schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):

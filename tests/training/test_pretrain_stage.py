@@ -225,7 +225,7 @@ def test_no_retrieval_baseline_sees_as_many_tokens(inputs):
 
 
 def test_zero3_exports_whole_weights(inputs, tmp_path):
-    run(command(inputs, tmp_path, params_file(tmp_path, steps=2, zero_stage=3)))
+    run(command(inputs, tmp_path, params_file(tmp_path, steps=2, zero_stage=3, optimizer="adamw")))
     model, vocab, _, _ = load_decoder(tmp_path / "model")  # shapes check out on load
     assert model.shape.vocab_size == vocab.size
     assert any(t.abs().sum() > 0 for t in model.state_dict().values())
@@ -322,11 +322,15 @@ def test_a_code_change_retrains_instead_of_reexporting_the_old_run(inputs, tmp_p
     assert len(list((tmp_path / "scratch").iterdir())) == 2
 
 
-def test_two_processes_match_one_at_the_same_global_batch(inputs, tmp_path):
+@pytest.mark.parametrize(("optimizer", "zero_stage"), [("adamw", 2), ("muon", 0)])
+def test_two_processes_match_one_at_the_same_global_batch(inputs, tmp_path, optimizer, zero_stage):
+    """ZeRO-2 partitions AdamW's state; Muon (ZeRO 0) orthogonalizes the all-reduced gradient
+    on every rank alike."""
     one, two = tmp_path / "one", tmp_path / "two"
     for folder in (one, two):
         folder.mkdir()
-    run(command(inputs, one, params_file(one, micro_batch_size=8, zero_stage=2)))
+    train = {"zero_stage": zero_stage, "optimizer": optimizer}
+    run(command(inputs, one, params_file(one, micro_batch_size=8, **train)))
     launcher = [
         sys.executable,
         "-m",
@@ -336,7 +340,7 @@ def test_two_processes_match_one_at_the_same_global_batch(inputs, tmp_path):
         "--master_port",
         "29731",
     ]
-    run(command(inputs, two, params_file(two, micro_batch_size=4, zero_stage=2), launcher))
+    run(command(inputs, two, params_file(two, micro_batch_size=4, **train), launcher))
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 8
     for x, y in zip(a, b, strict=True):
