@@ -39,6 +39,12 @@ from typing import Any, TypeVar
 
 from cm3leon.shards import SERIAL, ShardExecutor, apply_shard
 
+# A temporary Prefect server (``shared_api_url``, or the client's own) must answer within
+# Prefect's ``server.ephemeral.startup_timeout_seconds``, 20 s by default: on a 2-core machine
+# busy with training its start took longer and the stage failed ("Timed out while attempting
+# to connect to ephemeral Prefect API server"). 120 s unless the user sets it.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
 RUNNERS = ("serial", "threads", "dask", "ray")
 ENV_RUNNER = "CM3LEON_SHARD_RUNNER"
 ENV_WORKERS = "CM3LEON_SHARD_WORKERS"

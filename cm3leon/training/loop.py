@@ -104,8 +104,8 @@ def optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     for group in groups:
         group.update(lr=config.lr, betas=tuple(config.betas))
     matrices = [p for p in model.parameters() if id(p) in hidden]  # the model's order
-    muon = {"params": matrices, "muon": True, "lr": config.muon_lr}
-    groups.append({**muon, "weight_decay": config.weight_decay})
+    wd = config.weight_decay
+    groups.append({"params": matrices, "muon": True, "lr": config.muon_lr, "weight_decay": wd})
     return MuonAdamW(groups, momentum=config.muon_momentum)
 
 
