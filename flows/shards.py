@@ -39,11 +39,11 @@ from typing import Any, TypeVar
 
 from cm3leon.shards import SERIAL, ShardExecutor, apply_shard
 
-# A temporary Prefect server (``shared_api_url``, or the client's own) must answer within
-# Prefect's ``server.ephemeral.startup_timeout_seconds``, 20 s by default: on a 2-core machine
-# busy with training its start took longer and the stage failed ("Timed out while attempting
-# to connect to ephemeral Prefect API server"). 120 s unless the user sets it.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Seconds the temporary Prefect server ``shared_api_url`` starts may take to answer, at least:
+# Prefect's ``server.ephemeral.startup_timeout_seconds`` is 20 by default, and on a 2-core
+# machine busy with training the start took longer and the stage failed ("Timed out while
+# attempting to connect to ephemeral Prefect API server"). A larger setting wins.
+EPHEMERAL_STARTUP_TIMEOUT_S = 120
 
 RUNNERS = ("serial", "threads", "dask", "ray")
 ENV_RUNNER = "CM3LEON_SHARD_RUNNER"
@@ -206,7 +206,11 @@ def shared_api_url() -> str | None:
     this process's temporary server now (the very one Prefect's client would start) and returns
     its address. ``None`` when there is no server and temporary ones are disabled.
     """
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+    )
 
     url = get_current_settings().api.url
     if url or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
@@ -214,7 +218,8 @@ def shared_api_url() -> str | None:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # a per-process singleton: the client's own server
-    server.start()
+    configured = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    server.start(timeout=max(EPHEMERAL_STARTUP_TIMEOUT_S, configured))
     return server.api_url
 
 
