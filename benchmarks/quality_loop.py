@@ -40,7 +40,7 @@ import torch
 import yaml
 from machine import describe_machine
 
-from cm3leon.config import load_params
+from cm3leon.config import EvaluateConfig, load_params
 from cm3leon.data.scene_judge import load_judge
 from cm3leon.evaluation.studies import generator_columns
 from cm3leon.evaluation.tasks import (
@@ -56,6 +56,26 @@ from cm3leon.project import stage_arguments
 from cm3leon.sft.finetuning import finetune
 from cm3leon.tasks import TASKS
 from cm3leon.training.pretraining import pretrain
+
+
+def load_scored_model(
+    model_dir: str | Path, paths: dict[str, str], evaluate: EvaluateConfig, device: str
+) -> MultimodalModel:
+    """``model_dir`` loaded as the evaluate stage loads a model it scores: ``paths`` are the
+    stage's artifact paths (:func:`cm3leon.project.stage_arguments`), the generation settings
+    ``evaluate``'s."""
+    return MultimodalModel.load(
+        model_dir,
+        paths["vq"],
+        paths["text-tokenizer"],
+        paths["tokens"],
+        paths["retriever"],
+        paths["retrieval"],
+        phrasing=evaluate.phrasing,
+        batch_size=evaluate.batch_size,
+        max_text_tokens=evaluate.max_text_tokens,
+        device=device,
+    )
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -164,20 +184,10 @@ def main() -> None:
     tokens_seen = logged.get("train/tokens_seen", 0.0)
 
     evaluate = params.evaluate
-    model = MultimodalModel.load(
-        model_dir,
-        paths["vq"],
-        paths["text-tokenizer"],
-        paths["tokens"],
-        paths["retriever"],
-        paths["retrieval"],
-        phrasing=evaluate.phrasing,
-        batch_size=evaluate.batch_size,
-        max_text_tokens=evaluate.max_text_tokens,
-        device=("cuda" if torch.cuda.is_available() else "cpu")
-        if args.device == "auto"
-        else args.device,
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    model = load_scored_model(model_dir, paths, evaluate, device)
     judge = load_judge(paths["corpus"])
     if judge is None:
         raise SystemExit(f"{paths['corpus']} has no scene judge: the quality loop needs ShapeWorld")
