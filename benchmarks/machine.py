@@ -15,7 +15,7 @@ import torch
 
 from cm3leon.training.throughput import matmul_peak_flops, timed
 
-__all__ = ["describe_machine", "matmul_peak_flops", "save_result", "timed"]
+__all__ = ["append_line", "describe_machine", "matmul_peak_flops", "save_result", "timed"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,3 +44,11 @@ def save_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def append_line(table: str | Path, line: dict) -> None:
+    """Append ``line`` as one JSON line to ``table`` (a results ``.jsonl``), floats that are not
+    plain JSON (numpy scalars) rounded to 4 places."""
+    Path(table).parent.mkdir(parents=True, exist_ok=True)
+    with Path(table).open("a") as f:
+        f.write(json.dumps(line, default=lambda v: round(float(v), 4)) + "\n")

@@ -32,18 +32,18 @@ image with the same plan as above, the other tasks with ``evaluate.decoding.answ
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from machine import describe_machine
+from machine import append_line, describe_machine
 
 from cm3leon.config import EvaluateConfig, load_params
-from cm3leon.data.scene_judge import load_judge
+from cm3leon.data.scene_judge import SceneJudge, load_judge
 from cm3leon.evaluation.studies import generator_columns
 from cm3leon.evaluation.tasks import (
+    TestSet,
     answer_strategy,
     load_test_set,
     sample_correctness,
@@ -76,6 +76,20 @@ def load_scored_model(
         max_text_tokens=evaluate.max_text_tokens,
         device=device,
     )
+
+
+def judged_test_set(
+    model: MultimodalModel, paths: dict[str, str], prompts: int, seed: int, task_examples: int = 0
+) -> tuple[SceneJudge, TestSet]:
+    """The corpus's scene judge and the evaluate stage's seeded test sample (``prompts``
+    text-to-image prompts, ``task_examples`` rows per table task); exits when the corpus has
+    no judge (these benchmarks score ShapeWorld scenes)."""
+    judge = load_judge(paths["corpus"])
+    if judge is None:
+        raise SystemExit(f"{paths['corpus']} has no scene judge: this benchmark needs ShapeWorld")
+    decode = model.codec.decode_text
+    test = load_test_set(paths["corpus"], paths["tokens"], decode, prompts, task_examples, seed)
+    return judge, test
 
 
 def apply_override(tree: dict, assignment: str) -> None:
@@ -188,13 +202,8 @@ def main() -> None:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     model = load_scored_model(model_dir, paths, evaluate, device)
-    judge = load_judge(paths["corpus"])
-    if judge is None:
-        raise SystemExit(f"{paths['corpus']} has no scene judge: the quality loop needs ShapeWorld")
     examples = evaluate.task_examples if args.stage == "sft" else 0
-    test = load_test_set(
-        paths["corpus"], paths["tokens"], model.codec.decode_text, args.prompts, examples, seed
-    )
+    judge, test = judged_test_set(model, paths, args.prompts, seed, examples)
     for d in test.documents:  # the text-to-image prompts (the judge reads the scene, not this)
         if args.paraphrase >= len(d["paraphrases"]):
             raise SystemExit(f"--paraphrase {args.paraphrase}: {d['id']} has fewer phrasings")
@@ -249,13 +258,7 @@ def main() -> None:
         "retrieval": paths["retrieval"],
         "results": results,
     }
-    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    with Path(args.table).open("a") as f:
-        f.write(json.dumps(line, default=_round) + "\n")
-
-
-def _round(value):
-    return round(float(value), 4)
+    append_line(args.table, line)
 
 
 def _summary(m: dict) -> str:

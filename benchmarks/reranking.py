@@ -31,18 +31,16 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from machine import describe_machine
-from quality_loop import load_scored_model
+from machine import append_line, describe_machine
+from quality_loop import judged_test_set, load_scored_model
 
 from cm3leon.config import load_params
-from cm3leon.data.scene_judge import load_judge
 from cm3leon.evaluation.metrics import paired_difference_interval, wilson_interval
-from cm3leon.evaluation.tasks import load_test_set, sample_correctness, strategies, task_inputs
+from cm3leon.evaluation.tasks import sample_correctness, strategies, task_inputs
 from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.project import stage_arguments
 from cm3leon.retrieval.memory_bank import load_split
@@ -113,12 +111,7 @@ def main() -> None:
     cfg = decoding.cfg_weight if args.cfg is None else args.cfg
     paths = {**stage_arguments(".", "index"), **stage_arguments(".", "evaluate")}
     generator = load_scored_model(args.model, paths, evaluate, "cpu")
-    judge = load_judge(paths["corpus"])
-    if judge is None:
-        raise SystemExit(f"{paths['corpus']} has no scene judge: this benchmark needs ShapeWorld")
-    test = load_test_set(
-        paths["corpus"], paths["tokens"], generator.codec.decode_text, args.prompts, 0, seed
-    )
+    judge, test = judged_test_set(generator, paths, args.prompts, seed)
     rows = test.documents
     t2i = TASKS["text_to_image"]
     plan = strategies(decoding, decoding.strategy, samples, cfg)
@@ -198,9 +191,7 @@ def main() -> None:
         "generator": ceiling,
         "rerankers": results,
     }
-    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    with Path(args.table).open("a") as f:
-        f.write(json.dumps(line, default=lambda v: round(float(v), 4)) + "\n")
+    append_line(args.table, line)
 
 
 if __name__ == "__main__":
