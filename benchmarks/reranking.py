@@ -41,7 +41,7 @@ from quality_loop import judged_test_set, load_scored_model
 from cm3leon.config import load_params
 from cm3leon.evaluation.metrics import paired_difference_interval, wilson_interval
 from cm3leon.evaluation.tasks import sample_correctness, strategies, task_inputs
-from cm3leon.inference.multimodal import MultimodalModel
+from cm3leon.inference.multimodal import MultimodalModel, TaskInput
 from cm3leon.project import stage_arguments
 from cm3leon.retrieval.memory_bank import load_split
 from cm3leon.retrieval.training import train_dual_encoder
@@ -61,8 +61,8 @@ def caption_log_likelihood(
         text = scorer.codec.encode_text(caption)
         for sample in prompt_codes:
             image = vocab.image_to_vocab(sample.tolist())
-            if scorer.kind == "pretrain":
-                head = [vocab.bos, vocab.sentinel(0), vocab.brk, *image, vocab.sentinel(0)]
+            if scorer.kind == "pretrain":  # its CM3 captioning prompt, as it generates captions
+                head, _ = scorer.prompts("captioning", TaskInput(images={"image": image}), [])
                 sequences.append([*head, *text, vocab.eos_span])
                 spans.append((len(head), len(text) + 1))
             else:
@@ -120,16 +120,17 @@ def main() -> None:
     generate_seconds = time.perf_counter() - tick
     right, objects = sample_correctness(generator, rows, drawn, judge, "objects")
     codes = np.array([g.sample_codes for g in drawn])  # (prompts, samples, cells)
-    images = generator.decode_ids(
-        [generator.vocab.image_to_vocab(c) for c in codes.reshape(-1, codes.shape[-1])]
-    )
     captions = [row["caption"] for row in rows]
     n = len(rows)
 
     scores = {"dual_encoder": np.array([g.rerank_scores for g in drawn])}
-    queries = [generator.vocab.vocab_to_text(generator.codec.encode_text(c)) for c in captions]
-    if args.retrain:
-        train = load_split(paths["corpus"], paths["tokens"], generator.vocab, "train")
+    if args.retrain:  # what a retrained dual encoder scores: the samples' pixels, the captions
+        vocab = generator.vocab
+        images = generator.decode_ids(
+            [vocab.image_to_vocab(c) for c in codes.reshape(-1, codes.shape[-1])]
+        )
+        queries = [vocab.vocab_to_text(generator.codec.encode_text(c)) for c in captions]
+        train = load_split(paths["corpus"], paths["tokens"], vocab, "train")
     for spec in args.retrain:
         name, _, overrides = spec.partition("=")
         changes = json.loads(overrides or "{}")
