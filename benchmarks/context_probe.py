@@ -98,9 +98,8 @@ def main() -> None:
     results = {}
     for name, chosen in contexts.items():
         count = 0 if chosen is None else 1
-        if chosen is not None:  # the chosen document stands in for the memory bank's
-            model._retrieve = lambda task, items, k, chosen=chosen: [[d] for d in chosen]
-        drawn = model.run(t2i.name, task_inputs(t2i, rows), plan, count, seed)
+        given = None if chosen is None else [[d] for d in chosen]  # in the memory bank's place
+        drawn = model.run(t2i.name, task_inputs(t2i, rows), plan, count, seed, documents=given)
         metrics, _ = score_task(model, t2i, rows, judge, plan, count, seed, generations=drawn)
         right, objects = sample_correctness(model, rows, drawn, judge, "objects")
         kept = {k: metrics[k] for k in (*KEPT, *ATTRIBUTES) if k in metrics}

@@ -63,7 +63,10 @@ def load_scored_model(
 ) -> MultimodalModel:
     """``model_dir`` loaded as the evaluate stage loads a model it scores: ``paths`` are the
     stage's artifact paths (:func:`cm3leon.project.stage_arguments`), the generation settings
-    ``evaluate``'s."""
+    ``evaluate``'s. It re-ranks by the dual encoder alone (no captioner): the loop trains
+    pretrained models without an SFT model of their own, and its rows since the start were
+    scored so, which keeps them comparable (the stage adds the SFT model's caption
+    likelihood: ``evaluate.decoding.rerank_caption_weight``)."""
     return MultimodalModel.load(
         model_dir,
         paths["vq"],

@@ -13,14 +13,18 @@ exactly those samples, so their differences are paired (Newcombe's interval, as 
 
 Re-rankers:
 
-- ``dual_encoder``: ``models/retriever``, as the evaluate stage (the baseline of every diff);
+- ``dual_encoder``: ``models/retriever`` alone (its logit), the paper's CLIP re-ranking and
+  the baseline of every diff;
 - ``--retrain NAME=JSON``: a dual encoder retrained on the train split with ``index.encoder`` /
   ``index.train`` overrides (``{"encoder": {...}, "train": {...}}``), e.g. more steps;
 - ``--caption-scorer MODEL``: the log-likelihood a decoder assigns to the prompt's caption given
   each sample, ``log p(caption | image)`` — a pretrained model through CM3 infilling
   (``<mask:0> <break> image <mask:0> caption <eos_span>``, the format its null-condition
-  documents train), an SFT model through its captioning template — alone and added to the
-  dual encoder's score after standardizing both within each prompt (``z(dual) + w z(ll)``).
+  documents train), an SFT model through its captioning template
+  (:meth:`~cm3leon.inference.multimodal.MultimodalModel.caption_log_likelihood`) — alone,
+  added to the dual encoder's logit (``logit(dual) + w ll``, the evaluate stage's re-ranker with
+  ``evaluate.decoding.rerank_caption_weight`` = w and the SFT model as captioner) and added
+  after standardizing both within each prompt (``z(dual) + w z(ll)``).
 
 Appends one JSON line per run to ``--table`` (default ``benchmarks/results/reranking.jsonl``).
 """
@@ -33,59 +37,19 @@ import json
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from machine import append_line, describe_machine
 from quality_loop import judged_test_set, load_scored_model
 
 from cm3leon.config import load_params
 from cm3leon.evaluation.metrics import paired_difference_interval, wilson_interval
 from cm3leon.evaluation.tasks import sample_correctness, strategies, task_inputs
-from cm3leon.inference.multimodal import MultimodalModel, TaskInput
+from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.project import stage_arguments
 from cm3leon.retrieval.memory_bank import load_split
 from cm3leon.retrieval.training import train_dual_encoder
 from cm3leon.tasks import TASKS
-from cm3leon.tokenizers.templates import render
 
-COMBINATION_WEIGHTS = (0.5, 1.0, 2.0)
-
-
-def caption_log_likelihood(
-    scorer: MultimodalModel, captions: list[str], codes: np.ndarray, batch_size: int = 256
-) -> np.ndarray:
-    """``(prompts, samples)``: ``log p(caption | sample image)`` under ``scorer``'s decoder."""
-    vocab, model = scorer.vocab, scorer.model.eval()
-    sequences, spans = [], []
-    for caption, prompt_codes in zip(captions, codes, strict=True):
-        text = scorer.codec.encode_text(caption)
-        for sample in prompt_codes:
-            image = vocab.image_to_vocab(sample.tolist())
-            if scorer.kind == "pretrain":  # its CM3 captioning prompt, as it generates captions
-                head, _ = scorer.prompts("captioning", TaskInput(images={"image": image}), [])
-                sequences.append([*head, *text, vocab.eos_span])
-                spans.append((len(head), len(text) + 1))
-            else:
-                example = render(
-                    "captioning", 0, {"caption": caption}, {"image": image}, scorer.codec
-                )
-                ids = [vocab.bos, *example.ids]
-                start = 1 + example.output_start
-                sequences.append(ids)
-                spans.append((start, len(ids) - start))
-    scores = np.zeros(len(sequences))
-    with torch.no_grad():
-        for lo in range(0, len(sequences), batch_size):
-            chunk = sequences[lo : lo + batch_size]
-            longest = max(len(s) for s in chunk)
-            ids = torch.tensor([s + [vocab.pad] * (longest - len(s)) for s in chunk])
-            log_probs = F.log_softmax(model(ids).float(), -1)  # (B, T, V); right pads unseen
-            for j, sequence in enumerate(chunk):
-                start, count = spans[lo + j]
-                targets = torch.tensor(sequence[start : start + count])
-                predicted = log_probs[j, start - 1 : start - 1 + count]
-                scores[lo + j] = float(predicted.gather(1, targets[:, None]).sum())
-    return scores.reshape(codes.shape[:2])
+COMBINATION_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
 
 
 def standardized(scores: np.ndarray) -> np.ndarray:
@@ -123,9 +87,11 @@ def main() -> None:
     captions = [row["caption"] for row in rows]
     n = len(rows)
 
+    vocab = generator.vocab
+    # the generator re-ranks by the dual encoder alone (load_scored_model sets no captioner):
+    # its scores are the dual encoder's logits
     scores = {"dual_encoder": np.array([g.rerank_scores for g in drawn])}
     if args.retrain:  # what a retrained dual encoder scores: the samples' pixels, the captions
-        vocab = generator.vocab
         images = generator.decode_ids(
             [vocab.image_to_vocab(c) for c in codes.reshape(-1, codes.shape[-1])]
         )
@@ -145,12 +111,18 @@ def main() -> None:
         scores[name] = np.einsum("psd,pd->ps", image_embeddings, model.embed_text(queries))
     for folder in args.caption_scorer:
         scorer = MultimodalModel.load(folder, paths["vq"], paths["text-tokenizer"], paths["tokens"])
-        likelihood = caption_log_likelihood(scorer, captions, codes)
+        images = [vocab.image_to_vocab(c.tolist()) for c in codes.reshape(-1, codes.shape[-1])]
+        repeated = [c for c in captions for _ in range(samples)]
+        likelihood = scorer.caption_log_likelihood(repeated, images).reshape(n, samples)
         label = f"caption_ll[{folder}]"
         scores[label] = likelihood
         for weight in COMBINATION_WEIGHTS:
             combined = standardized(scores["dual_encoder"]) + weight * standardized(likelihood)
             scores[f"dual_encoder+{weight:g}*{label}"] = combined
+            # the pipeline's (MultimodalModel.rerank_scores): the dual encoder's logit (its
+            # scale times the cosine) plus w log p(caption | image), each sample alone
+            logit = scores["dual_encoder"] + weight * likelihood
+            scores[f"logit(dual_encoder)+{weight:g}*{label}"] = logit
 
     baseline = right[np.arange(n), scores["dual_encoder"].argmax(1)]
     results = {}

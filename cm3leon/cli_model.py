@@ -70,6 +70,13 @@ def _decoding_options(parser) -> None:
     parser.add_argument("--cd-alpha", type=float, default=None, help="CD-K head threshold")
     parser.add_argument("--cd-k", type=int, default=None, help="CD-K: the k-th largest p_cond")
     parser.add_argument("--retrieved", type=int, default=None, help="memory-bank documents")
+    parser.add_argument(
+        "--rerank-caption-weight",
+        type=float,
+        default=None,
+        help="re-rank samples by the dual encoder + this weight x log p(prompt | sample) under "
+        "the SFT model (0: dual encoder alone)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -94,6 +101,22 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
             phrasing=config.phrasing,
             max_text_tokens=config.max_text_tokens,
         )
+        captioner = None
+        if use_bank and not single_answer and len(plan) > 1:  # re-ranked as the evaluate stage
+            weight = args.rerank_caption_weight
+            if weight is None:
+                weight = config.decoding.rerank_caption_weight
+            if weight > 0:
+                captioner = model
+                if model_dir.resolve() != paths["sft"].resolve():
+                    captioner = MultimodalModel.load(
+                        paths["sft"],
+                        paths["vq"],
+                        paths["text-tokenizer"],
+                        paths["tokens"],
+                        phrasing=config.phrasing,
+                    )
+            model.rerank_with(captioner, weight)
         if args.command == "generate":
             item = TaskInput(texts={"caption": args.prompt})
         else:
@@ -110,6 +133,11 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
     except (ImageError, ValueError, FileNotFoundError) as err:
         raise SystemExit(f"cm3leon {args.command}: error: {err}") from None
     report = _report(args, model, model_dir, task, result, cfg_weight)
+    if result.rerank_scores:
+        report["rerank"] = {
+            "captioner": None if captioner is None else str(paths["sft"]),
+            "caption_weight": model.caption_weight,
+        }
     if result.codes is not None:
         images = model.decode_ids([model.vocab.image_to_vocab(result.codes)])
         write_png(args.output, images[0])

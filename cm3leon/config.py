@@ -436,7 +436,7 @@ class IndexConfig:
 # and 3 layers x 2,400 steps beat 4 x 1,800 at equal FLOPs (issue 14's tables in README).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 2, "n_head": 2, "d_model": 32, "max_seq_len": 384},
-    "default": {"n_layer": 3, "n_head": 8, "d_model": 128, "max_seq_len": 384},
+    "default": {"n_layer": 4, "n_head": 8, "d_model": 112, "max_seq_len": 384},
     "cpu256": {"n_layer": 4, "n_head": 4, "d_model": 256, "max_seq_len": 384},
     "gpu": {"n_layer": 8, "n_head": 8, "d_model": 512, "max_seq_len": 384},
     "350m": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 4096},
@@ -554,7 +554,6 @@ class TrainConfig:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(len(self.betas) == 2, "betas", "must be two numbers")
         check(self.grad_clip > 0, "grad_clip", "must be > 0")
-        check(self.optimizer in ("adamw", "muon"), "optimizer", "must be adamw or muon")
         check(self.muon_lr > 0, "muon_lr", "must be > 0")
         check(0 <= self.muon_momentum < 1, "muon_momentum", "must be in [0, 1)")
         if self.optimizer == "muon":
@@ -622,6 +621,10 @@ class DecodingConfig:
     strategies' processors read (``Strategy.from_config``).
     ``answer_strategy`` (one sample) serves tasks with a single right output: captioning, VQA,
     editing and segmentation.
+    ``rerank_caption_weight``: the weight ``w`` of ``log p(prompt | sample)`` under the SFT
+    model added to the dual encoder's logit when image samples are re-ranked
+    (:meth:`cm3leon.inference.multimodal.MultimodalModel.rerank_scores`); 0 re-ranks by the
+    dual encoder alone, as the paper by CLIP.
     """
 
     strategy: str = "top_p"
@@ -632,6 +635,7 @@ class DecodingConfig:
     cd_k: int = 5
     samples: int = 4
     answer_strategy: str = "greedy"
+    rerank_caption_weight: float = 0.0
 
     def __post_init__(self) -> None:
         where = "evaluate.decoding"
@@ -644,6 +648,7 @@ class DecodingConfig:
         _check(0 <= self.cd_alpha <= 1, f"{where}.cd_alpha", "must be in [0, 1]")
         _check(self.cd_k >= 1, f"{where}.cd_k", "must be >= 1")
         _check(self.samples >= 1, f"{where}.samples", "must be >= 1")
+        _check(self.rerank_caption_weight >= 0, f"{where}.rerank_caption_weight", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Reads the models (`--pretrain`, `--sft`, optional `--no-retrieval`), the VQ and text tokenizers,
 the tokens, the corpus (pixels for FID and mask targets; its scene judge, when it has one, for
 the exact metrics) and the memory bank (`--retriever`, `--retrieval`); params `base.seed` and
-`evaluate`. Writes the folder `--out`
+`evaluate`. Image samples are re-ranked by the dual encoder with the SFT model's caption
+likelihood added (`evaluate.decoding.rerank_caption_weight`), for every generator alike.
+Writes the folder `--out`
 (predictions, generations, tables, plots, grids; see `cm3leon.evaluation.evaluate`) and the
 metrics file (`--metrics`: `<out>/metrics.json` plus the stage's wall time, kept out of the DVC
 cache; the folder itself holds no clock time, so the same seed gives the same bytes).
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name, folder in folders.items()
         }
+        # Every generator's image samples are re-ranked with the SFT model as the captioner
+        # (evaluate.decoding.rerank_caption_weight), so models and study cells differ only by
+        # their samples, never by their re-ranker.
+        for model in models.values():
+            model.rerank_with(models["sft"], config.decoding.rerank_caption_weight)
         metrics = evaluate(
             models,
             args.corpus,

@@ -77,6 +77,8 @@ def check_evaluate_outputs(root):
         }
         assert 0 <= tasks["text_to_image"]["accuracy"] <= 1
         assert tasks["text_to_image"]["examples"] == 6
+        # every generator re-ranked alike: the SFT model captions, params.yaml's weight
+        assert metrics["rerank"][model] == {"captioner": "sft", "caption_weight": 0.5}
         assert "fid_dual_encoder" in tasks["text_to_image"]
         assert {"cider_d", "bleu_4", "attribute_exact_match"} <= set(tasks["captioning"])
         assert 0 <= tasks["segmentation"]["mean_iou"] <= 1
@@ -160,6 +162,9 @@ def check_model_commands(root):
     assert out.is_file() and "retrieved from the memory bank:" in done.stdout
     sidecar = json.loads((root / "generated.png.json").read_text())
     assert len(sidecar["retrieved"]) == 2 and sidecar["model_fingerprint"]
+    assert sidecar["rerank"]["captioner"].endswith("models/sft")  # the default model itself
+    assert sidecar["rerank"]["caption_weight"] == 0.5
+    assert len(sidecar["rerank_scores"]) == 2
     big = root / "big.jpg"  # any size and mode is converted
     Image.new("L", (97, 55), 200).save(big)
     for args in (["caption", str(big)], ["ask", str(out), "what color is it?"]):

@@ -19,6 +19,9 @@ baseline — and writes ``out_dir`` atomically::
     predictions/<model>_captions.json COCO caption results format [{"image_id", "caption"}]
     predictions/<model>_vqa.json      [{"image_id", "question", "answer"}]
 
+Image samples are re-ranked by whatever each model was given
+(:meth:`~cm3leon.inference.multimodal.MultimodalModel.rerank_with`; the stage gives every
+model the SFT model as captioner), recorded under ``rerank`` in ``metrics.json``.
 Studies use the SFT model (the final model) except the retrieval study, which needs the
 retrieval-augmented pretrained model. FID, CLIPScore and R-precision are computed in the dual
 encoder's feature space and named so (``fid_dual_encoder``), each beside its value for the real
@@ -92,6 +95,15 @@ def evaluate(
     retrieved["pretrain_no_retrieval"] = 0
 
     metrics: dict[str, Any] = {"judge": "shapeworld" if judge is not None else None}
+    # How each model's image samples are re-ranked: the dual encoder's logit, plus the caption
+    # weight times log p(prompt | sample) under the captioner (a model named here, or none).
+    metrics["rerank"] = {
+        name: {
+            "captioner": next((n for n, m in models.items() if m is model.captioner), None),
+            "caption_weight": model.caption_weight,
+        }
+        for name, model in models.items()
+    }
     skipped = _skipped_tasks(test, judge is not None)
     if skipped:
         metrics["skipped"] = skipped

@@ -464,7 +464,8 @@ def _limitations(evaluation: dict) -> str:
         "CIDEr-D and BLEU against every reference caption).",
         "FID, CLIPScore and R-precision are computed in the project's own dual encoder's "
         "feature space, not Inception's or CLIP's, unless local Inception weights are "
-        "configured; image samples are re-ranked by the same encoder, so its scores of "
+        "configured; image samples are re-ranked by the same encoder (with the SFT model's "
+        "caption likelihood added), so its scores of "
         "generated images are optimistic: compare them across models and with the real-image "
         "row, not with published numbers.",
     ]

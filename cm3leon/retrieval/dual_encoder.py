@@ -83,6 +83,9 @@ class ImageEncoder(nn.Module):
         return self.project(self.features(images).flatten(1))
 
 
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp of the learned similarity scale
+
+
 class DualEncoder(nn.Module):
     def __init__(self, config: RetrieverConfig, text_vocab_size: int, image_size: int) -> None:
         super().__init__()
@@ -92,6 +95,13 @@ class DualEncoder(nn.Module):
         self.text = TextEncoder(config, text_vocab_size)
         self.image = ImageEncoder(config, image_size)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+
+    @property
+    def similarity_scale(self) -> float:
+        """The learned scale of cosine similarities (1 / temperature, clamped at 100): its
+        product with a cosine is the logit the contrastive loss trained, i.e.
+        ``log p(image | text)`` up to a constant per text."""
+        return float(self.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(ids), dim=-1)

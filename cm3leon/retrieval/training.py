@@ -10,7 +10,6 @@ the loss never pushes apart true matches. AdamW, linear warmup, cosine decay to 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,10 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cm3leon.config import RetrieverConfig, RetrieverTrainConfig
-from cm3leon.retrieval.dual_encoder import DualEncoder, image_input, pad_text
+from cm3leon.retrieval.dual_encoder import MAX_LOGIT_SCALE, DualEncoder, image_input, pad_text
 from cm3leon.schedules import warmup_cosine
-
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 def contrastive_loss(
@@ -82,9 +79,7 @@ def train_dual_encoder(
                 {
                     "loss": loss.item(),
                     "batch_text_to_image_top1": accuracy.item(),
-                    "temperature": float(
-                        1 / model.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp()
-                    ),
+                    "temperature": 1 / model.similarity_scale,
                     "lr": optimizer.param_groups[0]["lr"],
                 },
             )

@@ -104,8 +104,14 @@ def optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     for group in groups:
         group.update(lr=config.lr, betas=tuple(config.betas))
     matrices = [p for p in model.parameters() if id(p) in hidden]  # the model's order
-    wd = config.weight_decay
-    groups.append({"params": matrices, "muon": True, "lr": config.muon_lr, "weight_decay": wd})
+    groups.append(
+        {
+            "params": matrices,
+            "muon": True,
+            "lr": config.muon_lr,
+            "weight_decay": config.weight_decay,
+        }
+    )
     return MuonAdamW(groups, momentum=config.muon_momentum)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
-from cm3leon.config import VQConfig
+from cm3leon.config import RetrievalPolicyConfig, RetrieverConfig, VQConfig
 from cm3leon.decoding.selector import Strategy
 from cm3leon.inference.multimodal import MultimodalModel, TaskInput
 from cm3leon.model.transformer import DecoderLM, TransformerShape
+from cm3leon.retrieval.dual_encoder import DualEncoder
+from cm3leon.retrieval.search import MemoryBank, RetrievedDocument
 from cm3leon.tokenizers.document import DocumentCodec
 from cm3leon.tokenizers.text import train_text_tokenizer
 from cm3leon.tokenizers.vocab import Vocab
@@ -116,3 +119,98 @@ def test_pixels_round_trip_through_the_vq_ids():
     pixels = np.zeros((2, model.image_size, model.image_size, 3), np.uint8)
     ids = model.encode_pixels(pixels)
     assert len(ids) == 2 and all(len(i) == 64 and all(VOCAB.is_image(t) for t in i) for i in ids)
+
+
+def with_bank(model: MultimodalModel) -> MultimodalModel:
+    """``model`` with a real (tiny, untrained) dual encoder and a two-document memory bank."""
+    torch.manual_seed(1)
+    config = RetrieverConfig(
+        embed_dim=8, text_width=16, text_layers=1, text_heads=2, image_channels=(8, 8)
+    )
+    encoder = DualEncoder(config, VOCAB.text_size, model.image_size)
+    index = faiss.IndexFlatIP(8)
+    index.add(np.eye(8, dtype=np.float32)[:2])
+    documents = {name: ("a red circle", (VOCAB.brk, *IMAGE)) for name in ("a", "b")}
+    model.bank = MemoryBank(encoder, index, ["a", "b"], documents, RetrievalPolicyConfig(), VOCAB)
+    return model
+
+
+def manual_log_likelihood(model: MultimodalModel, ids: list[int], start: int) -> float:
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model.model(torch.tensor([ids])).float()[0], -1)
+    return float(sum(log_probs[j - 1, ids[j]] for j in range(start, len(ids))))
+
+
+def test_caption_log_likelihood_scores_the_caption_the_way_each_model_captions():
+    captions = ["a red circle at the top", "what color"]
+    images = [IMAGE, list(reversed(IMAGE))]
+    codec = toy("sft").codec
+    for kind in ("pretrain", "sft"):
+        model = toy(kind)
+        model.batch_size = 1  # and in one padded batch below: the right pads change nothing
+        one_by_one = model.caption_log_likelihood(captions, images)
+        model.batch_size = 8
+        batched = model.caption_log_likelihood(captions, images)
+        np.testing.assert_allclose(batched, one_by_one, rtol=1e-5)
+        for caption, image, score in zip(captions, images, batched, strict=True):
+            text = codec.encode_text(caption)
+            if kind == "pretrain":  # CM3 infilling: <mask:0> <break> image <mask:0> caption
+                head, _ = model.prompts("captioning", TaskInput(images={"image": image}), [])
+                ids, start = [*head, *text, VOCAB.eos_span], len(head)
+            else:  # the captioning template's prompt, then the caption and <eos>
+                head, _ = model.prompts("captioning", TaskInput(images={"image": image}), [])
+                ids, start = [*head, *text, VOCAB.eos], len(head)
+            assert score == pytest.approx(manual_log_likelihood(model, ids, start), rel=1e-5)
+        assert batched[0] != batched[1]
+    with pytest.raises(ValueError, match="2 captions but 1 images"):
+        model.caption_log_likelihood(captions, images[:1])
+
+
+def test_reranking_adds_the_weighted_caption_likelihood_to_the_dual_encoders_logit():
+    model = with_bank(toy("pretrain"))
+    captioner = toy("sft")
+    texts = ["a red circle", "what color is it?"]
+    items = [TaskInput(texts={"caption": t}) for t in texts]
+    plan = [Strategy.named("top_p")] * 3
+    alone = model.run("text_to_image", items, plan, seed=1)
+    retriever = model.retriever
+    for item, result in zip(items, alone, strict=True):
+        pixels = model.decode_ids(result.samples)
+        query = VOCAB.vocab_to_text(model.codec.encode_text(item.texts["caption"]))
+        cosine = retriever.embed_image(pixels) @ retriever.embed_text([query])[0]
+        expected = retriever.similarity_scale * cosine
+        np.testing.assert_allclose(result.rerank_scores, expected, rtol=1e-5)
+        assert result.best == int(np.argmax(expected))
+    model.rerank_with(captioner, 0.5)
+    guided = model.run("text_to_image", items, plan, seed=1)
+    for text, before, after in zip(texts, alone, guided, strict=True):
+        assert after.samples == before.samples  # the same draws, only their order changes
+        likelihood = captioner.caption_log_likelihood([text] * 3, after.samples)
+        expected = np.asarray(before.rerank_scores) + 0.5 * likelihood
+        np.testing.assert_allclose(after.rerank_scores, expected, rtol=1e-5)
+        assert after.best == int(np.argmax(expected))
+        assert after.codes == after.sample_codes[after.best]
+    model.rerank_with(captioner, 0.0)
+    assert model.captioner is None and model.caption_weight == 0.0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        model.rerank_with(captioner, -1.0)
+    other = MultimodalModel(
+        captioner.model,
+        DocumentCodec(Vocab(text_size=300, image_size=16), TOKENIZER, image_tokens=64),
+        captioner.vq,
+        "sft",
+    )
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.rerank_with(other, 1.0)
+
+
+def test_given_context_documents_replace_retrieval():
+    model = toy("pretrain")  # no memory bank: retrieval would fail
+    document = RetrievedDocument("doc-7", "a red circle", 1.0, (VOCAB.brk, *IMAGE))
+    items = [TaskInput(texts={"caption": "a red circle"})]
+    (result,) = model.run(
+        "text_to_image", items, [Strategy.named("greedy")], 1, documents=[[document]]
+    )
+    assert result.retrieved == [document]
+    with pytest.raises(ValueError, match="1 inputs but 2 document lists"):
+        model.run("text_to_image", items, [Strategy.named("greedy")], 1, documents=[[], []])
