@@ -24,6 +24,7 @@ from cm3leon.config import DecodingConfig, EvaluateConfig, load_params
 from cm3leon.data.importers import ImageError, load_image
 from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.decoding_strategies import SAMPLE_PLANS
+from cm3leon.evaluation.tasks import caption_strategy
 from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.project import stage_arguments
 
@@ -162,6 +163,9 @@ def _evaluate_config(project: Path) -> EvaluateConfig:
 def _plan(args, decoding: DecodingConfig, single_answer: bool) -> tuple[list[Strategy], float]:
     """The sample plan from the options, each unset one from ``decoding`` (ConfigError, a
     ValueError, names a bad value)."""
+    options = ("strategy", "samples", "cfg", "temperature", "top_p", "cd_alpha", "cd_k")
+    if args.command == "caption" and all(getattr(args, k) is None for k in options):
+        return caption_strategy(decoding), 1.0  # as the evaluate stage captions
     if single_answer:
         plan, samples, cfg = decoding.answer_strategy, 1, 1.0
     else:

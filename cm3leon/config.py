@@ -625,6 +625,11 @@ class DecodingConfig:
     model added to the dual encoder's logit when image samples are re-ranked
     (:meth:`cm3leon.inference.multimodal.MultimodalModel.rerank_scores`); 0 re-ranks by the
     dual encoder alone, as the paper by CLIP.
+    ``caption_samples``: captions drawn per image — the ``answer_strategy`` one first, then
+    top-p ones at ``caption_top_p`` (temperature 1) — and, when more than one, re-ranked by
+    ``log p(image | caption)`` under the captioning model itself
+    (:meth:`cm3leon.inference.multimodal.MultimodalModel.image_log_likelihood`); 1 keeps the
+    single answer sample.
     """
 
     strategy: str = "top_p"
@@ -636,6 +641,8 @@ class DecodingConfig:
     samples: int = 4
     answer_strategy: str = "greedy"
     rerank_caption_weight: float = 0.0
+    caption_samples: int = 1
+    caption_top_p: float = 0.9
 
     def __post_init__(self) -> None:
         where = "evaluate.decoding"
@@ -649,6 +656,8 @@ class DecodingConfig:
         _check(self.cd_k >= 1, f"{where}.cd_k", "must be >= 1")
         _check(self.samples >= 1, f"{where}.samples", "must be >= 1")
         _check(self.rerank_caption_weight >= 0, f"{where}.rerank_caption_weight", "must be >= 0")
+        _check(self.caption_samples >= 1, f"{where}.caption_samples", "must be >= 1")
+        _check(0 < self.caption_top_p <= 1, f"{where}.caption_top_p", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,12 @@ class TaskSpec:
         return tuple(re.findall(r"\{(\w+)\}", self.templates[0].split("<output>")[0]))
 
     @property
+    def writes_caption(self) -> bool:
+        """Text out of a document's own image (no task table): the output is a caption, so
+        ``log p(image | output)`` through text-to-image can judge it (caption re-ranking)."""
+        return self.table is None and self.output == "text"
+
+    @property
     def guidable(self) -> bool:
         """An image output from a prompt holding text: classifier-free guidance applies, with the
         prompt's text masked as the unconditional stream (``render_prompt(mask_text=True)``)."""

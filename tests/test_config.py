@@ -70,6 +70,12 @@ def test_valid_keys_are_listed(tmp_path):
         ("sft:\n  mixing:\n    vqa: -1\n", "sft.mixing.vqa: must be >= 0"),
         ("sft:\n  mixing: [vqa]\n", "sft.mixing: expected a mapping"),
         ("evaluate:\n  decoding:\n    strategy: beam\n", "evaluate.decoding.strategy: must be"),
+        ("evaluate:\n  decoding:\n    caption_samples: 0\n", "caption_samples: must be >= 1"),
+        ("evaluate:\n  decoding:\n    caption_top_p: 0\n", "caption_top_p: must be in (0, 1]"),
+        (
+            "evaluate:\n  decoding:\n    rerank_caption_weight: -1\n",
+            "rerank_caption_weight: must be >= 0",
+        ),
     ],
 )
 def test_bad_values_are_rejected_with_their_key(tmp_path, text, fragment):

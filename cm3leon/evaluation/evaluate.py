@@ -56,6 +56,7 @@ from cm3leon.evaluation.infilling import infilling_metrics
 from cm3leon.evaluation.metrics import frechet_distance
 from cm3leon.evaluation.tasks import (
     answer_strategy,
+    caption_strategy,
     load_test_set,
     score_task,
     strategies,
@@ -91,6 +92,7 @@ def evaluate(
     decoding = config.decoding
     headline = strategies(decoding, decoding.strategy, decoding.samples, decoding.cfg_weight)
     answer = answer_strategy(decoding)
+    captions = caption_strategy(decoding)
     retrieved = {"pretrain": config.retrieved, "sft": config.sft_retrieved}
     retrieved["pretrain_no_retrieval"] = 0
 
@@ -132,8 +134,11 @@ def evaluate(
         for spec in specs:
             rows = test.documents if spec.table is None else test.tasks[spec.name]
             # Text-conditioned image tasks draw the headline plan's samples and re-rank them;
-            # a task with a single right output gets one answer sample.
+            # captioning draws evaluate.decoding.caption_samples captions, re-ranked by the
+            # image they predict; a task with a single right output gets one answer sample.
             plan = headline if spec.query is not None else answer
+            if spec.writes_caption:
+                plan = captions
             real = test.real_pixels if spec.table is None and spec.output == "image" else None
             drawn = None
             if spec.name == "text_to_image":

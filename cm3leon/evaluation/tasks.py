@@ -134,6 +134,16 @@ def answer_strategy(config: DecodingConfig) -> list[Strategy]:
     return [Strategy.from_config(config, config.answer_strategy, cfg_weight=1.0)]
 
 
+def caption_strategy(config: DecodingConfig) -> list[Strategy]:
+    """Captioning's plan: the answer strategy's caption, then ``caption_samples - 1`` top-p
+    captions at ``caption_top_p`` (temperature 1, no CFG); several are re-ranked by the image
+    they predict (:meth:`~cm3leon.inference.multimodal.MultimodalModel.image_log_likelihood`)."""
+    sampled = Strategy.from_config(
+        config, "top_p", cfg_weight=1.0, top_p=config.caption_top_p, temperature=1.0
+    )
+    return answer_strategy(config) + [sampled] * (config.caption_samples - 1)
+
+
 def task_inputs(spec: TaskSpec, rows: Sequence[dict]) -> list[TaskInput]:
     """The prompt inputs of each row: its input text fields and, when the template shows the
     document's image, that image (Vocab ids, and pixels for retrieval by image)."""

@@ -214,3 +214,40 @@ def test_given_context_documents_replace_retrieval():
     assert result.retrieved == [document]
     with pytest.raises(ValueError, match="1 inputs but 2 document lists"):
         model.run("text_to_image", items, [Strategy.named("greedy")], 1, documents=[[], []])
+
+
+def test_image_log_likelihood_scores_the_image_after_the_caption():
+    captions = ["a red circle at the top", "what color"]
+    images = [IMAGE, list(reversed(IMAGE))]
+    for kind in ("pretrain", "sft"):
+        model = toy(kind)
+        model.batch_size = 1
+        one_by_one = model.image_log_likelihood(captions, images)
+        model.batch_size = 8
+        batched = model.image_log_likelihood(captions, images)
+        np.testing.assert_allclose(batched, one_by_one, rtol=1e-5)
+        for caption, image, score in zip(captions, images, batched, strict=True):
+            head, _ = model.prompts("text_to_image", TaskInput(texts={"caption": caption}), [])
+            ids = [*head, *image, VOCAB.eos]  # the caption's prompt, the image, then <eos>
+            assert score == pytest.approx(manual_log_likelihood(model, ids, len(head)), rel=1e-5)
+
+
+def test_several_captions_are_reranked_by_the_image_they_predict():
+    model = toy("sft")
+    items = [TaskInput(images={"image": IMAGE}), TaskInput(images={"image": IMAGE[::-1]})]
+    plan = [Strategy.named("greedy")] + [Strategy.named("top_p", top_p=1.0)] * 3
+    plain = model.run("captioning", items, plan, seed=3, rerank=False)
+    ranked = model.run("captioning", items, plan, seed=3)
+    for item, before, after in zip(items, plain, ranked, strict=True):
+        assert after.samples == before.samples and before.best == 0
+        assert before.text == before.texts[0]  # unranked: the first (greedy) caption
+        expected = model.image_log_likelihood(after.texts, [item.images["image"]] * 4)
+        np.testing.assert_allclose(after.rerank_scores, expected, rtol=1e-5)
+        assert after.best == int(np.argmax(expected))
+        assert after.text == after.texts[after.best]
+    (single,) = model.run("captioning", items[:1], plan[:1])
+    assert single.rerank_scores == [] and single.best == 0  # one sample: nothing to rank
+    (answer,) = model.run(  # a task that does not write a caption is never re-ranked
+        "vqa", [TaskInput({"question": "what color is it?"}, {"image": IMAGE})], plan
+    )
+    assert answer.rerank_scores == [] and answer.best == 0
