@@ -9,7 +9,8 @@ captions with paired (Newcombe) intervals against the greedy caption:
 * ``caption_ll``: the captioner's own ``log p(caption | image)``
   (:meth:`~cm3leon.inference.multimodal.MultimodalModel.caption_log_likelihood`);
 * ``image_ll``: ``log p(image | caption)`` under the same model through its text-to-image
-  template (the noisy channel: which caption makes the picture most likely);
+  template (:meth:`~cm3leon.inference.multimodal.MultimodalModel.image_log_likelihood`, the
+  evaluate stage's caption re-ranker);
 * ``image_ll + w caption_ll`` for a few ``w``;
 * the ``oracle`` (a right caption among the samples) and the share of right samples.
 
@@ -26,8 +27,6 @@ import argparse
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from machine import append_line, describe_machine
 from quality_loop import judged_test_set, load_scored_model
 
@@ -36,42 +35,10 @@ from cm3leon.data.shapeworld_parser import same_objects
 from cm3leon.decoding.selector import Strategy
 from cm3leon.evaluation.metrics import paired_difference_interval, wilson_interval
 from cm3leon.evaluation.tasks import task_inputs
-from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.project import stage_arguments
 from cm3leon.tasks import TASKS
-from cm3leon.tokenizers.templates import phrasing_for, render
 
 WEIGHTS = (0.25, 0.5, 1.0, 2.0)
-
-
-def image_log_likelihood(
-    model: MultimodalModel, captions: list[str], images: list[list[int]]
-) -> np.ndarray:
-    """``log p(image | caption)`` of each pair through the text-to-image template (for a
-    pretrained model phrasing 0 is its document format, ``caption <break> image``)."""
-    vocab, sequences, spans = model.vocab, [], []
-    phrasing = phrasing_for("text_to_image", model.phrasing)
-    for caption, image in zip(captions, images, strict=True):
-        example = render(
-            "text_to_image", phrasing, {"caption": caption}, {"image": image}, model.codec
-        )
-        ids = [vocab.bos, *example.ids]
-        start = 1 + example.output_start
-        sequences.append(ids)
-        spans.append((start, len(ids) - start))
-    scores = np.zeros(len(sequences))
-    with torch.no_grad():
-        for lo in range(0, len(sequences), model.batch_size):
-            chunk = sequences[lo : lo + model.batch_size]
-            longest = max(len(s) for s in chunk)
-            ids = torch.tensor([s + [vocab.pad] * (longest - len(s)) for s in chunk])
-            logits = model.model(ids).float()
-            for j, sequence in enumerate(chunk):
-                start, count = spans[lo + j]
-                rows = F.log_softmax(logits[j, start - 1 : start - 1 + count], -1)
-                targets = torch.tensor(sequence[start : start + count])
-                scores[lo + j] = float(rows.gather(1, targets[:, None]).sum())
-    return scores
 
 
 def main() -> None:
@@ -106,7 +73,7 @@ def main() -> None:
     flat = [c for group in captions for c in group]
     images = [list(d["image_ids"]) for d in rows for _ in range(args.samples)]
     tick = time.perf_counter()
-    image_ll = image_log_likelihood(model, flat, images).reshape(len(rows), -1)
+    image_ll = model.image_log_likelihood(flat, images).reshape(len(rows), -1)
     caption_ll = model.caption_log_likelihood(flat, images).reshape(len(rows), -1)
     score_seconds = time.perf_counter() - tick
 
