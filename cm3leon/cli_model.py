@@ -24,9 +24,10 @@ from cm3leon.config import DecodingConfig, EvaluateConfig, load_params
 from cm3leon.data.importers import ImageError, load_image
 from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.decoding_strategies import SAMPLE_PLANS
-from cm3leon.evaluation.tasks import caption_strategy
+from cm3leon.evaluation.tasks import caption_strategy, task_plan
 from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.project import stage_arguments
+from cm3leon.tasks import task as task_spec
 
 # The model commands' task, and whether it has a single right output (one answer sample).
 COMMANDS = {
@@ -60,8 +61,9 @@ def add_commands(sub) -> None:
 def _decoding_options(parser) -> None:
     """Options left unset take the project's ``evaluate`` params (``params.yaml``), the way the
     evaluate stage prompts: text-to-image the headline plan (``evaluate.decoding.strategy``,
-    ``samples``, ``cfg_weight``), the other commands one ``answer_strategy`` sample without
-    CFG; ``evaluate.retrieved`` memory-bank documents."""
+    ``samples``, ``cfg_weight``), the other commands one ``answer_strategy`` sample (``edit``
+    guided at ``answer_cfg_weight``, ``caption`` and ``ask`` unguided);
+    ``evaluate.retrieved`` memory-bank documents."""
     parser.add_argument("--model", default=None, help="model folder (default: the SFT model)")
     parser.add_argument("--strategy", default=None, choices=list(SAMPLE_PLANS))
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance weight")
@@ -166,8 +168,9 @@ def _plan(args, decoding: DecodingConfig, single_answer: bool) -> tuple[list[Str
     options = ("strategy", "samples", "cfg", "temperature", "top_p", "cd_alpha", "cd_k")
     if args.command == "caption" and all(getattr(args, k) is None for k in options):
         return caption_strategy(decoding), 1.0  # as the evaluate stage captions
-    if single_answer:
-        plan, samples, cfg = decoding.answer_strategy, 1, 1.0
+    if single_answer:  # one answer sample, guided as the evaluate stage guides the task
+        (answer,) = task_plan(decoding, task_spec(COMMANDS[args.command][0]))
+        plan, samples, cfg = decoding.answer_strategy, 1, answer.settings.cfg_weight
     else:
         plan, samples, cfg = decoding.strategy, decoding.samples, decoding.cfg_weight
     overrides = {

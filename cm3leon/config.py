@@ -617,10 +617,13 @@ class DecodingConfig:
 
     ``strategy``: a sample plan of :mod:`cm3leon.decoding_strategies` — top_p | cd_k | greedy
     | mix (samples alternate top-p and CD-K, then the dual encoder re-ranks them) — for
-    text-to-image and grounding; ``samples`` per prompt. The other values are what the
-    strategies' processors read (``Strategy.from_config``).
-    ``answer_strategy`` (one sample) serves tasks with a single right output: captioning, VQA,
-    editing and segmentation.
+    text-to-image (:attr:`cm3leon.tasks.TaskSpec.reranked`); ``samples`` per prompt. The
+    other values are what the strategies' processors read (``Strategy.from_config``).
+    ``answer_strategy`` (one sample) serves tasks with a single right output: VQA, editing,
+    grounding and segmentation (and captioning's first caption). ``answer_cfg_weight``: its CFG
+    weight for the tasks that draw an image from a prompt holding text
+    (:attr:`cm3leon.tasks.TaskSpec.guidable`: editing, grounding, segmentation; SFT trains
+    their unconditional stream); text answers are decoded unguided.
     ``rerank_caption_weight``: the weight ``w`` of ``log p(prompt | sample)`` under the SFT
     model added to the dual encoder's logit when image samples are re-ranked
     (:meth:`cm3leon.inference.multimodal.MultimodalModel.rerank_scores`); 0 re-ranks by the
@@ -640,6 +643,7 @@ class DecodingConfig:
     cd_k: int = 5
     samples: int = 4
     answer_strategy: str = "greedy"
+    answer_cfg_weight: float = 1.0
     rerank_caption_weight: float = 0.0
     caption_samples: int = 1
     caption_top_p: float = 0.9
@@ -650,6 +654,7 @@ class DecodingConfig:
         _check(self.strategy in SAMPLE_PLANS, f"{where}.strategy", f"must be one of {plans}")
         _check(self.answer_strategy in STRATEGIES, f"{where}.answer_strategy", f"in {single}")
         _check(self.cfg_weight >= 0, f"{where}.cfg_weight", "must be >= 0")
+        _check(self.answer_cfg_weight >= 0, f"{where}.answer_cfg_weight", "must be >= 0")
         _check(self.temperature > 0, f"{where}.temperature", "must be > 0")
         _check(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]")
         _check(0 <= self.cd_alpha <= 1, f"{where}.cd_alpha", "must be in [0, 1]")

@@ -76,6 +76,10 @@ def test_valid_keys_are_listed(tmp_path):
             "evaluate:\n  decoding:\n    rerank_caption_weight: -1\n",
             "rerank_caption_weight: must be >= 0",
         ),
+        (
+            "evaluate:\n  decoding:\n    answer_cfg_weight: -0.5\n",
+            "evaluate.decoding.answer_cfg_weight: must be >= 0",
+        ),
     ],
 )
 def test_bad_values_are_rejected_with_their_key(tmp_path, text, fragment):

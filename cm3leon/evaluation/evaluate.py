@@ -56,10 +56,9 @@ from cm3leon.evaluation.infilling import infilling_metrics
 from cm3leon.evaluation.metrics import frechet_distance
 from cm3leon.evaluation.tasks import (
     answer_strategy,
-    caption_strategy,
     load_test_set,
     score_task,
-    strategies,
+    task_plan,
 )
 from cm3leon.inference.multimodal import MultimodalModel
 from cm3leon.tasks import TASKS, headline_metric
@@ -90,9 +89,7 @@ def evaluate(
         corpus_dir, tokens_dir, sft.codec.decode_text, config.prompts, config.task_examples, seed
     )
     decoding = config.decoding
-    headline = strategies(decoding, decoding.strategy, decoding.samples, decoding.cfg_weight)
     answer = answer_strategy(decoding)
-    captions = caption_strategy(decoding)
     retrieved = {"pretrain": config.retrieved, "sft": config.sft_retrieved}
     retrieved["pretrain_no_retrieval"] = 0
 
@@ -133,12 +130,11 @@ def evaluate(
         specs = [TASKS["text_to_image"]] if name == "pretrain_no_retrieval" else scored
         for spec in specs:
             rows = test.documents if spec.table is None else test.tasks[spec.name]
-            # Text-conditioned image tasks draw the headline plan's samples and re-rank them;
-            # captioning draws evaluate.decoding.caption_samples captions, re-ranked by the
-            # image they predict; a task with a single right output gets one answer sample.
-            plan = headline if spec.query is not None else answer
-            if spec.writes_caption:
-                plan = captions
+            # Text-to-image draws the headline plan's samples and re-ranks them; captioning
+            # draws evaluate.decoding.caption_samples captions, re-ranked by the image they
+            # predict; a task with a single right output gets one answer sample, guided when
+            # SFT trains its unconditional stream (tasks.task_plan).
+            plan = task_plan(decoding, spec)
             real = test.real_pixels if spec.table is None and spec.output == "image" else None
             drawn = None
             if spec.name == "text_to_image":

@@ -128,10 +128,24 @@ def strategies(
     return sample_plan(config, name, samples, cfg_weight=cfg_weight)
 
 
-def answer_strategy(config: DecodingConfig) -> list[Strategy]:
-    """One sample, without CFG, for tasks with a single right output (captions, answers,
-    edits, masks)."""
-    return [Strategy.from_config(config, config.answer_strategy, cfg_weight=1.0)]
+def answer_strategy(config: DecodingConfig, guided: bool = False) -> list[Strategy]:
+    """One sample for tasks with a single right output (answers, edits, grounded images,
+    masks): unguided, or with ``guided`` at ``config.answer_cfg_weight`` — for a task whose
+    unconditional stream SFT trains (:attr:`~cm3leon.tasks.TaskSpec.guidable`)."""
+    weight = config.answer_cfg_weight if guided else 1.0
+    return [Strategy.from_config(config, config.answer_strategy, cfg_weight=weight)]
+
+
+def task_plan(config: DecodingConfig, spec: TaskSpec) -> list[Strategy]:
+    """How the evaluate stage (and the CLI) decodes task ``spec``: the headline plan's samples,
+    re-ranked, for a :attr:`~cm3leon.tasks.TaskSpec.reranked` task (text-to-image);
+    :func:`caption_strategy` for a task that writes a caption; else one answer sample, guided
+    when the task is :attr:`~cm3leon.tasks.TaskSpec.guidable`."""
+    if spec.reranked:
+        return strategies(config, config.strategy, config.samples, config.cfg_weight)
+    if spec.writes_caption:
+        return caption_strategy(config)
+    return answer_strategy(config, guided=spec.guidable)
 
 
 def caption_strategy(config: DecodingConfig) -> list[Strategy]:

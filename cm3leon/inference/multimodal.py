@@ -24,8 +24,10 @@ Prompts (CM3Leon §3-4):
   prompted scene (documents retrieved for an input image stay, as the image does).
 
 ``samples`` per input are drawn with the given strategies (one per sample, so a list mixes
-them); image samples of text-conditioned tasks are re-ranked against the prompt's text (CLIP
-re-ranking, CM3Leon §3) by :meth:`MultimodalModel.rerank_scores`: the dual encoder's logit
+them); image samples of a task drawn from a document's caption (text-to-image,
+:attr:`~cm3leon.tasks.TaskSpec.reranked`) are re-ranked against the prompt's text (CLIP
+re-ranking, CM3Leon §3) by :meth:`MultimodalModel.rerank_scores`; other tasks keep their
+first sample: the dual encoder's logit
 ``s cos(text, image)`` (its learned scale ``s``), plus, with a captioner set
 (:meth:`MultimodalModel.rerank_with`), ``w log p(text | image)`` under the captioner's decoder.
 The second term is this project's addition to the paper's recipe: with the SFT model as the
@@ -79,7 +81,7 @@ class Generation:
     task: str
     samples: list[list[int]]  # generated Vocab ids of each sample
     strategies: list[str]
-    best: int  # the sample chosen (re-ranked for text-conditioned images, else 0)
+    best: int  # the sample chosen (re-ranked for text-to-image images and captions, else 0)
     rerank_scores: list[float]
     retrieved: list[RetrievedDocument]
     text: str | None = None  # decoded best sample, text tasks
@@ -435,10 +437,10 @@ class MultimodalModel:
     def _finish_images(self, task, items, results, rerank: bool) -> None:
         for r in results:
             r.sample_codes = [self.vocab.vocab_to_image(s) for s in r.samples]
-        query = task_spec(task).query
-        use_rerank = rerank and query is not None and self.retriever is not None
+        spec = task_spec(task)
+        use_rerank = rerank and spec.reranked and self.retriever is not None
         if use_rerank and len(results[0].samples) > 1:
-            texts = [i.texts[query] for i in items]
+            texts = [i.texts[spec.query] for i in items]
             scores = self.rerank_scores(texts, [r.samples for r in results])
             for r, row in zip(results, scores, strict=True):
                 r.rerank_scores = [float(x) for x in row]

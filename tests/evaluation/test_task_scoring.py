@@ -1,8 +1,9 @@
 """Evaluation plumbing: strategy plans and the study helpers' re-ranking prefix."""
 
 from cm3leon.config import DecodingConfig
-from cm3leon.evaluation.tasks import answer_strategy, strategies
+from cm3leon.evaluation.tasks import answer_strategy, strategies, task_plan
 from cm3leon.inference.multimodal import Generation, rerank_prefix
+from cm3leon.tasks import TASKS
 
 
 def test_mix_alternates_top_p_and_cd_k_with_shared_settings():
@@ -18,6 +19,34 @@ def test_mix_alternates_top_p_and_cd_k_with_shared_settings():
     assert [s.name for s in strategies(config, "cd_k", 2, 1.0)] == ["cd_k", "cd_k"]
     (answer,) = answer_strategy(config)
     assert answer.name == "greedy" and not answer.needs_unconditional
+
+
+def test_each_task_is_decoded_by_its_plan():
+    config = DecodingConfig(
+        strategy="mix", samples=6, cfg_weight=2.0, answer_cfg_weight=1.5, caption_samples=3
+    )
+    # text-to-image: the headline's re-ranked samples at the headline weight
+    t2i = task_plan(config, TASKS["text_to_image"])
+    assert [s.name for s in t2i] == ["top_p", "cd_k"] * 3
+    assert {s.settings.cfg_weight for s in t2i} == {2.0}
+    # captioning: the answer caption first, then top-p ones, all unguided
+    captions = task_plan(config, TASKS["captioning"])
+    assert [s.name for s in captions] == ["greedy", "top_p", "top_p"]
+    assert not any(s.needs_unconditional for s in captions)
+    # an image from a prompt with text (SFT trains its unconditional stream): one guided
+    # answer, grounding included (its boxes are no caption the re-rankers read)
+    for name in ("editing", "grounding", "segmentation"):
+        assert TASKS[name].guidable and not TASKS[name].reranked
+        (answer,) = task_plan(config, TASKS[name])
+        assert answer.name == "greedy" and answer.settings.cfg_weight == 1.5
+        assert answer.needs_unconditional
+    # a text answer is never guided (no trained unconditional stream)
+    (vqa,) = task_plan(config, TASKS["vqa"])
+    assert vqa.name == "greedy" and not vqa.needs_unconditional
+    assert TASKS["text_to_image"].reranked and not TASKS["vqa"].reranked
+    # weight 1 is plain decoding
+    (plain,) = task_plan(DecodingConfig(answer_cfg_weight=1.0), TASKS["editing"])
+    assert not plain.needs_unconditional
 
 
 def test_rerank_prefix_picks_the_best_among_the_first_n():
