@@ -23,6 +23,10 @@ steps; the issue's target is >= 0.90. Validation and checkpoints are not among t
 (the stage's ``train/run_tokens_per_second`` counts them).
 
     python benchmarks/pretrain_stage.py [--params params.yaml] [--steps 24] [--rounds 16]
+        [--name pretrain_stage_cpu]
+
+Committed: ``benchmarks/results/pretrain_stage_cpu_xeon.json`` (Intel Xeon, 0.862) and
+``pretrain_stage_cpu_epyc.json`` (AMD EPYC, 0.886).
 
 Needs the ``tokenize`` and ``index`` stages' outputs (``data/tokens``, ``data/retrieval``).
 """
@@ -61,6 +65,11 @@ def main() -> None:
     parser.add_argument("--retrieval", default="data/retrieval")
     parser.add_argument("--steps", type=int, default=24, help="stage steps per round")
     parser.add_argument("--rounds", type=int, default=16, help="alternating rounds")
+    parser.add_argument(
+        "--name",
+        default="pretrain_stage_cpu",
+        help="results file benchmarks/results/NAME.json (one per machine keeps each CPU's)",
+    )
     args = parser.parse_args()
     found = numerics.read_numerics(args.params)
     if found is not None:  # the stage's kernels; re-executes once if that changes the env
@@ -171,7 +180,7 @@ def main() -> None:
         f"stage useful-token MFU ~{100 * mfu:.1f}% of a {peak / 1e9:.0f} GFLOP/s matmul peak"
     )
     path = save_result(
-        "pretrain_stage_cpu",
+        args.name,
         {
             "machine": describe_machine(),
             "numerics": numerics.record(),
