@@ -24,7 +24,7 @@ from cm3leon.config import DecodingConfig, EvaluateConfig, load_params
 from cm3leon.data.importers import ImageError, load_image
 from cm3leon.decoding.selector import Strategy, sample_plan
 from cm3leon.decoding_strategies import SAMPLE_PLANS
-from cm3leon.evaluation.tasks import caption_strategy, task_plan
+from cm3leon.evaluation.tasks import task_plan
 from cm3leon.inference.multimodal import Generation, MultimodalModel, TaskInput
 from cm3leon.project import stage_arguments
 from cm3leon.tasks import task as task_spec
@@ -90,7 +90,7 @@ def run_command(args: argparse.Namespace, project: Path) -> int:
         paths = {k: project / v for k, v in stage_arguments(project, "evaluate").items()}
         config = _evaluate_config(project)
         model_dir = paths["sft"] if args.model is None else project / args.model
-        plan, cfg_weight = _plan(args, config.decoding, single_answer)
+        plan, cfg_weight = _plan(args, config.decoding, task, single_answer)
         if args.retrieved is None:
             args.retrieved = config.retrieved
         use_bank = args.retrieved > 0 or (len(plan) > 1 and not single_answer)  # or re-rank
@@ -162,15 +162,18 @@ def _evaluate_config(project: Path) -> EvaluateConfig:
     return load_params(params).evaluate if params.is_file() else EvaluateConfig()
 
 
-def _plan(args, decoding: DecodingConfig, single_answer: bool) -> tuple[list[Strategy], float]:
+def _plan(
+    args, decoding: DecodingConfig, task: str, single_answer: bool
+) -> tuple[list[Strategy], float]:
     """The sample plan from the options, each unset one from ``decoding`` (ConfigError, a
-    ValueError, names a bad value)."""
+    ValueError, names a bad value); with none set, the evaluate stage's plan for ``task``."""
     options = ("strategy", "samples", "cfg", "temperature", "top_p", "cd_alpha", "cd_k")
-    if args.command == "caption" and all(getattr(args, k) is None for k in options):
-        return caption_strategy(decoding), 1.0  # as the evaluate stage captions
-    if single_answer:  # one answer sample, guided as the evaluate stage guides the task
-        (answer,) = task_plan(decoding, task_spec(COMMANDS[args.command][0]))
-        plan, samples, cfg = decoding.answer_strategy, 1, answer.settings.cfg_weight
+    stage_plan = task_plan(decoding, task_spec(task))
+    stage_cfg = stage_plan[0].settings.cfg_weight
+    if all(getattr(args, k) is None for k in options):
+        return stage_plan, stage_cfg  # exactly as the evaluate stage decodes the task
+    if single_answer:  # one answer sample, guided as the stage guides the task
+        plan, samples, cfg = decoding.answer_strategy, 1, stage_cfg
     else:
         plan, samples, cfg = decoding.strategy, decoding.samples, decoding.cfg_weight
     overrides = {
